@@ -1,0 +1,159 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the API models.
+
+The pydantic JSON schema is rewritten into a *structural* OpenAPI v3 schema, the form
+the API server demands: references inlined, ``anyOf [X, null]`` collapsed to X, titles
+and ``additionalProperties: false`` dropped (unknown fields are pruned by the server
+and rejected by ``kubetune validate``), and the Kubernetes extensions kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from .types import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    FineTuneJob,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
+
+Schema = dict[str, Any]
+
+_DROPPED_KEYS = {"title", "examples", "const"}
+
+
+def _resolve(node: Schema, defs: dict[str, Schema]) -> Schema:
+    """Inline ``$ref`` and collapse nullable unions, keeping the referring site's keys."""
+    node = dict(node)
+    ref = node.pop("$ref", None)
+    if ref is not None:
+        target = defs[ref.rsplit("/", 1)[-1]]
+        node = {
+            **target,
+            **{k: v for k, v in node.items() if k != "description"},
+            "description": node.get("description", target.get("description")),
+        }
+    any_of = node.get("anyOf")
+    if any_of is not None:
+        branches = [b for b in any_of if b.get("type") != "null"]
+        if len(branches) == 1:
+            del node["anyOf"]
+            merged = _resolve(branches[0], defs)
+            node = {**merged, **node}
+        else:
+            node["anyOf"] = [_resolve(b, defs) for b in branches]
+    if node.get("default", "absent") is None:
+        del node["default"]
+    return node
+
+
+def _structural(node: Schema, defs: dict[str, Schema]) -> Schema:
+    node = _resolve(node, defs)
+    out: Schema = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS:
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = _structural(value, defs)
+        elif key == "additionalProperties":
+            if isinstance(value, dict):
+                out[key] = _structural(value, defs)
+            # `false` (extra=forbid) and `true` (free-form dict) are not structural.
+        elif key == "anyOf":
+            # Only int-or-string unions reach here; structural form lists bare types.
+            out[key] = [{"type": branch["type"]} for branch in value]
+        else:
+            out[key] = value
+    if out.get("x-kubernetes-preserve-unknown-fields"):
+        out.pop("additionalProperties", None)
+    if "required" in out and not out["required"]:
+        del out["required"]
+    return out
+
+
+def _model_schema(model: Any) -> Schema:
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    return _structural(schema, defs)
+
+
+def openapi_schema() -> Schema:
+    """The openAPIV3Schema of a FineTuneJob."""
+    spec = _model_schema(FineTuneJobSpec)
+    status = _model_schema(FineTuneJobStatus)
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return {
+        "type": "object",
+        "description": FineTuneJob.__doc__,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": f"{API_VERSION}"},
+            "kind": {"type": "string", "description": KIND},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
+def crd() -> Schema:
+    """The CustomResourceDefinition, as a dict."""
+    columns = [
+        {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {
+            "name": "Progress",
+            "type": "integer",
+            "jsonPath": ".status.progress.percent",
+            "description": "Percent of the optimizer steps done",
+        },
+        {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss"},
+        {"name": "Eval", "type": "number", "jsonPath": ".status.metrics.evalLoss", "priority": 1},
+        {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": ["kubetune"],
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as the YAML written to crds/ (stable: same models, same bytes)."""
+    header = "# Generated by `kubetune crd` from the API models. Do not edit by hand.\n"
+    return header + yaml.safe_dump(copy.deepcopy(crd()), sort_keys=False, width=100)

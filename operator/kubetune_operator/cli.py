@@ -1,0 +1,131 @@
+"""The ``kubetune`` command.
+
+    kubetune crd                      print the FineTuneJob CRD (generated from the API models)
+    kubetune validate -f job.yaml     check manifests exactly as the operator will
+    kubetune tiny-model DIR           build a tiny offline model, tokenizer and dataset
+    kubetune train -f job.yaml        run a FineTuneJob locally, no cluster needed
+
+The trainer is imported only by the commands that train, so ``crd`` and ``validate``
+work with the operator's dependencies alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .api.crd import crd_yaml
+from .api.validation import InvalidManifest, parse_manifest
+from .manifests import ManifestFileError, read_documents
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    failures = 0
+    for path in args.filename:
+        try:
+            documents = read_documents(path)
+        except ManifestFileError as error:
+            print(f"✗ {error}", file=sys.stderr)
+            failures += 1
+            continue
+        for document in documents:
+            try:
+                job = parse_manifest(document.body)
+            except InvalidManifest as invalid:
+                failures += 1
+                count = len(invalid.problems)
+                print(f"✗ {document.source}: {count} problem{'s' * (count != 1)}", file=sys.stderr)
+                for problem in invalid.problems:
+                    print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
+            else:
+                print(f"✓ {document.source}: FineTuneJob {job.metadata.name!r} is valid")
+    return 1 if failures else 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from kubetune_trainer.tiny import build_tiny_model, generate_instruction_dataset
+
+    model_dir = build_tiny_model(Path(args.directory))
+    print(f"tiny model and tokenizer: {model_dir}")
+    if args.data:
+        data = Path(args.data)
+        data.mkdir(parents=True, exist_ok=True)
+        path = generate_instruction_dataset(data / "train.jsonl", n=args.rows)
+        print(f"instruction dataset: {path}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kubetune_trainer.main import run_local
+
+    from .translate import trainer_config
+
+    try:
+        documents = read_documents(args.filename)
+        if len(documents) != 1:
+            raise ManifestFileError(
+                f"{args.filename}: expected one FineTuneJob, found {len(documents)} documents"
+            )
+        job = parse_manifest(documents[0].body)
+    except ManifestFileError as error:
+        print(f"✗ {error}", file=sys.stderr)
+        return 2
+    except InvalidManifest as invalid:
+        print(f"✗ {args.filename}: the job is not valid", file=sys.stderr)
+        for problem in invalid.problems:
+            print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
+        return 2
+    output = str(Path(args.output).resolve()) if args.output else None
+    return run_local(trainer_config(job, output_uri=output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune language models on Kubernetes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd.set_defaults(run=_cmd_crd)
+
+    validate = commands.add_parser("validate", help="check FineTuneJob manifests")
+    validate.add_argument(
+        "-f",
+        "--filename",
+        action="append",
+        required=True,
+        help="manifest file (YAML, may hold several documents; - for stdin)",
+    )
+    validate.set_defaults(run=_cmd_validate)
+
+    tiny = commands.add_parser("tiny-model", help="build a tiny offline model for trying things")
+    tiny.add_argument("directory", help="where to save the model and tokenizer")
+    tiny.add_argument("--data", help="also write an instruction dataset into this directory")
+    tiny.add_argument("--rows", type=int, default=400, help="rows in the dataset (default 400)")
+    tiny.set_defaults(run=_cmd_tiny_model)
+
+    train = commands.add_parser("train", help="run a FineTuneJob locally")
+    train.add_argument("-f", "--filename", required=True, help="the FineTuneJob manifest")
+    train.add_argument(
+        "-o",
+        "--output",
+        help="output directory when the job names none (default ./kubetune-output/<name>)",
+    )
+    train.set_defaults(run=_cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Translate a FineTuneJob's spec into the trainer's configuration.
+
+Pure functions, no I/O: the operator uses them to build the pod, ``kubetune train``
+to run the same job locally. Decimal strings become floats here, percentages become
+ratios, and the API's defaults are made explicit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kubetune_trainer.config import (
+    DatasetConfig,
+    EarlyStoppingConfig,
+    FieldMapping,
+    MethodConfig,
+    ModelConfig,
+    OutputConfig,
+    QuantizationConfig,
+    ReportingConfig,
+    TrainerConfig,
+    TrainingConfig,
+)
+
+from .api.types import FineTuneJob, FineTuneJobSpec, LoraSettings
+
+HUB_TOKEN_ENV = "HF_TOKEN"
+DEFAULT_VALIDATION_PERCENT = 5
+
+
+def local_output_uri(job_name: str, base: Path | None = None) -> str:
+    """Where ``kubetune train`` writes when the job names no output."""
+    return str(((base or Path.cwd()) / "kubetune-output" / job_name).resolve())
+
+
+def _model(spec: FineTuneJobSpec) -> ModelConfig:
+    return ModelConfig(
+        source=spec.model.source,
+        revision=spec.model.revision,
+        token_env=HUB_TOKEN_ENV if spec.model.tokenSecretRef else None,
+    )
+
+
+def _dataset(spec: FineTuneJobSpec) -> DatasetConfig:
+    data = spec.dataset
+    split = data.validation
+    mapping = data.fieldMapping.model_dump(exclude_none=True) if data.fieldMapping else {}
+    if split is not None and split.sources:
+        ratio, validation_sources = 0.0, list(split.sources)
+    else:
+        percent = split.percent if split and split.percent is not None else None
+        ratio = (DEFAULT_VALIDATION_PERCENT if percent is None else percent) / 100
+        validation_sources = []
+    return DatasetConfig(
+        sources=list(data.sources),
+        format=data.format,
+        fields=FieldMapping(**mapping),
+        validation_sources=validation_sources,
+        validation_ratio=ratio,
+        max_seq_length=data.maxSeqLength,
+        packing=data.packing,
+    )
+
+
+def _method(spec: FineTuneJobSpec) -> MethodConfig:
+    method = spec.method
+    lora = method.lora or LoraSettings()
+    quant = method.quantization
+    return MethodConfig(
+        type=method.type,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=float(lora.dropout),
+        target_modules=list(lora.targetModules),
+        quantization=QuantizationConfig(
+            bits=quant.bits,
+            quant_type=quant.type,
+            double_quant=quant.doubleQuant,
+            compute_dtype=quant.computeDtype,
+        )
+        if quant is not None
+        else None,
+    )
+
+
+def _training(spec: FineTuneJobSpec) -> TrainingConfig:
+    t = spec.training
+    early = t.earlyStopping
+    return TrainingConfig(
+        epochs=t.epochs,
+        max_steps=t.maxSteps,
+        batch_size=t.batchSize,
+        gradient_accumulation_steps=t.gradientAccumulationSteps,
+        learning_rate=float(t.learningRate),
+        scheduler=t.scheduler,
+        warmup_ratio=t.warmupPercent / 100,
+        weight_decay=float(t.weightDecay),
+        max_grad_norm=float(t.maxGradNorm),
+        precision=t.precision,
+        gradient_checkpointing=t.gradientCheckpointing,
+        seed=t.seed,
+        eval_every_steps=t.evalEverySteps,
+        checkpoint_every_steps=t.checkpointEverySteps,
+        early_stopping=EarlyStoppingConfig(patience=early.patience, min_delta=float(early.minDelta))
+        if early is not None
+        else None,
+    )
+
+
+def trainer_config(
+    job: FineTuneJob,
+    *,
+    output_uri: str | None = None,
+    reporting: ReportingConfig | None = None,
+) -> TrainerConfig:
+    """The trainer configuration for ``job``.
+
+    ``output_uri`` is used when the spec names no output (local runs); the spec's own
+    output always wins.
+    """
+    spec = job.spec
+    output = spec.output
+    if output is not None:
+        out = OutputConfig(
+            uri=output.uri,
+            endpoint_url=output.endpoint,
+            region=output.region,
+            merge_adapter=output.mergeAdapter,
+        )
+    else:
+        out = OutputConfig(uri=output_uri or local_output_uri(job.metadata.name))
+    return TrainerConfig(
+        job_name=job.metadata.name,
+        job_namespace=job.metadata.namespace,
+        model=_model(spec),
+        dataset=_dataset(spec),
+        method=_method(spec),
+        training=_training(spec),
+        output=out,
+        reporting=reporting or ReportingConfig(),
+    )

@@ -1,0 +1,151 @@
+"""The trainer configuration: what the operator (or ``kubetune train``) hands the trainer.
+
+It is the resolved, defaulted form of a FineTuneJob's spec, in plain Python types
+(floats already parsed, defaults already applied). It travels to the pod as JSON in
+the ``KUBETUNE_CONFIG`` environment variable (or a file named by
+``KUBETUNE_CONFIG_FILE``) and is validated again here. Importable without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DatasetFormat = Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "text"]
+Method = Literal["lora", "qlora", "dora", "full"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(description="hf://org/name, s3://bucket/prefix, file:///dir or a path")
+    revision: str | None = None
+    token_env: str | None = Field(
+        default=None, description="Name of the env var holding a hub token, if any"
+    )
+
+
+class FieldMapping(_Strict):
+    """Which column of the user's rows holds each key a format expects."""
+
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    context: str | None = None
+    response: str | None = None
+    conversations: str | None = None
+    messages: str | None = None
+    text: str | None = None
+    system: str | None = None
+
+
+class DatasetConfig(_Strict):
+    sources: list[str] = Field(min_length=1)
+    format: DatasetFormat = "auto"
+    fields: FieldMapping = FieldMapping()
+    validation_sources: list[str] = []
+    validation_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    max_seq_length: int = Field(default=2048, ge=16)
+    packing: bool = True
+
+
+class QuantizationConfig(_Strict):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: ComputeDtype = "bfloat16"
+
+
+class MethodConfig(_Strict):
+    type: Method = "lora"
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["all-linear"]
+    quantization: QuantizationConfig | None = None
+
+    @model_validator(mode="after")
+    def _quantization_only_for_qlora(self) -> MethodConfig:
+        if self.type != "qlora" and self.quantization is not None:
+            raise ValueError("quantization is only used by method qlora")
+        return self
+
+    @property
+    def effective_quantization(self) -> QuantizationConfig | None:
+        """The quantization to load the base model with (qlora's defaults if unset)."""
+        if self.type != "qlora":
+            return None
+        return self.quantization or QuantizationConfig()
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class TrainingConfig(_Strict):
+    epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0.0)
+    scheduler: Scheduler = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0)
+    precision: Precision = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    eval_every_steps: int = Field(default=0, ge=0, description="0: evaluate at the end only")
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: no periodic checkpoints")
+    early_stopping: EarlyStoppingConfig | None = None
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> TrainingConfig:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set epochs or max_steps, not both")
+        return self
+
+    @property
+    def effective_epochs(self) -> int:
+        """Epochs to run when max_steps is unset (one by default)."""
+        return self.epochs or 1
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(description="s3://bucket/prefix, file:///dir or a local path")
+    endpoint_url: str | None = None
+    region: str | None = None
+    merge_adapter: bool = False
+
+
+class ReportingConfig(_Strict):
+    """How the trainer reports while it runs."""
+
+    progress_port: int | None = Field(
+        default=None, description="Serve /progress and /metrics on this port (None: off)"
+    )
+    termination_message_path: str | None = None
+    progress_bar: bool = True
+    loss_plot: bool = True
+
+
+class TrainerConfig(_Strict):
+    job_name: str = "local"
+    job_namespace: str | None = None
+    model: ModelConfig
+    dataset: DatasetConfig
+    method: MethodConfig = MethodConfig()
+    training: TrainingConfig = TrainingConfig()
+    output: OutputConfig
+    reporting: ReportingConfig = ReportingConfig()
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerConfig:
+        return cls.model_validate_json(text)
