@@ -131,7 +131,6 @@ class ReportingConfig(_Strict):
     progress_port: int | None = Field(
         default=None, description="Serve /progress and /metrics on this port (None: off)"
     )
-    termination_message_path: str | None = None
     progress_bar: bool = True
     loss_plot: bool = True
 

@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
     # Retryable: the same job may succeed on another attempt.
     STORAGE_UNAVAILABLE = 20
     PREEMPTED = 21  # SIGTERM: a checkpoint was saved, resume on the next attempt
-    INTERNAL = 22
+    INTERNAL = 22  # anything unexpected
 
     @property
     def retryable(self) -> bool:
@@ -83,3 +83,9 @@ class Unsupported(TrainerError):
 
 class StorageUnavailable(TrainerError):
     exit_code = ExitCode.STORAGE_UNAVAILABLE
+
+
+class Preempted(TrainerError):
+    """SIGTERM arrived; a checkpoint was saved when training had started."""
+
+    exit_code = ExitCode.PREEMPTED

@@ -1,0 +1,162 @@
+"""Fetch the base model and build the model to train: quantize (qlora), attach PEFT."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MethodConfig, ModelConfig, QuantizationConfig
+from .errors import ModelInvalid, Unsupported
+from .storage import fetch_to_local
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_dir(
+    model: ModelConfig, cache_dir: Path, *, endpoint_url: str | None = None
+) -> Path:
+    """A local directory holding the model's config, weights and tokenizer."""
+    source = model.source
+    if source.startswith("hf://"):
+        return _from_hub(model, cache_dir)
+    local = fetch_to_local(source, cache_dir / "model", endpoint_url=endpoint_url)
+    if not (local / "config.json").is_file():
+        raise ModelInvalid(
+            f"model source {source} has no config.json",
+            hint="point spec.model.source at a directory written by save_pretrained",
+        )
+    if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
+        raise ModelInvalid(
+            f"model source {source} has no weights (*.safetensors or *.bin)",
+            hint="save the model with save_pretrained, or check the path",
+        )
+    return local
+
+
+def _from_hub(model: ModelConfig, cache_dir: Path) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    repo_id = model.source.removeprefix("hf://")
+    token = os.environ.get(model.token_env) if model.token_env else None
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=model.revision,
+            token=token,
+            cache_dir=str(cache_dir / "hub"),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except GatedRepoError:
+        raise ModelInvalid(
+            f"hf://{repo_id} is gated and the token cannot access it",
+            hint="accept the model's licence on the hub and set spec.model.tokenSecretRef",
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelInvalid(
+            f"hf://{repo_id} was not found (or is private)",
+            hint="check the id, or set spec.model.tokenSecretRef for a private model",
+        ) from None
+    return Path(path)
+
+
+def _quantization(quant: QuantizationConfig) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # ImportError or a broken native library
+        raise Unsupported(
+            f"qlora needs bitsandbytes, which cannot be loaded here: {error}",
+            hint="use the kubetune trainer image, or method.type lora",
+        ) from None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=_DTYPES[quant.compute_dtype],
+    )
+
+
+def train_dtype(precision: str) -> torch.dtype:
+    """The dtype of the trainable weights' forward pass for a precision setting."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_precision(precision: str) -> str:
+    """auto → bf16 on GPUs that support it, fp16 on other GPUs, fp32 on CPU."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            raise Unsupported(
+                f"precision {precision} needs a GPU; this trainer runs on CPU",
+                hint="set spec.training.precision to auto or fp32",
+            )
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def build_model(
+    model_dir: Path, method: MethodConfig, *, gradient_checkpointing: bool, precision: str
+) -> Any:
+    """Load the base model and make it trainable per ``method``."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    quant = method.effective_quantization
+    kwargs: dict[str, Any] = {"dtype": train_dtype(precision)}
+    if quant is not None:
+        kwargs["quantization_config"] = _quantization(quant)
+        kwargs["dtype"] = _DTYPES[quant.compute_dtype]
+        if not torch.cuda.is_available() and quant.compute_dtype != "float32":
+            # CPU kernels of bitsandbytes run float32 compute; bf16 works but is slow.
+            kwargs["quantization_config"].bnb_4bit_compute_dtype = torch.float32
+            kwargs["dtype"] = torch.float32
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelInvalid(
+            f"cannot load the model in {model_dir}: {error}",
+            hint="check that spec.model.source is a causal language model",
+        ) from None
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method.type == "full":
+        return model
+    targets: str | list[str] = (
+        "all-linear" if method.target_modules == ["all-linear"] else list(method.target_modules)
+    )
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=targets,
+        use_dora=method.type == "dora",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as error:
+        raise ModelInvalid(
+            f"cannot attach the adapter: {error}",
+            hint='check spec.method.lora.targetModules (or use ["all-linear"])',
+        ) from None
+    if gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    return peft_model

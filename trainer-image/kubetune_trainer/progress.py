@@ -1,0 +1,155 @@
+"""Progress while training: one state, shown three ways.
+
+- a console progress bar (step/total, loss, tokens/s, ETA) for local runs;
+- an HTTP endpoint for the operator: ``/progress`` (JSON) and ``/metrics`` (Prometheus),
+  served on ``$POD_IP`` (0.0.0.0 when unset) so the operator can poll it without the
+  trainer needing any Kubernetes API rights;
+- the final result as JSON in the container's termination-message file (< 4 KiB), so it
+  survives the pod's exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+TERMINATION_MESSAGE_LIMIT = 4096
+
+
+@dataclass
+class ProgressState:
+    """What the trainer knows about its own progress. Written by one thread only."""
+
+    phase: str = "starting"  # starting, preparing, training, saving, done, failed
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    padding_ratio: float | None = None
+    trained_tokens: int = 0
+    last_checkpoint_step: int | None = None
+    last_checkpoint_uri: str | None = None
+    started_at: float = field(default_factory=time.time)
+    message: str = ""
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.step / self.total_steps) if self.total_steps else 0
+
+    def eta_seconds(self, now: float | None = None) -> int | None:
+        if not self.step or not self.total_steps:
+            return None
+        elapsed = (now or time.time()) - self.started_at
+        return int(elapsed / self.step * (self.total_steps - self.step))
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["percent"] = self.percent
+        data["eta_seconds"] = self.eta_seconds()
+        return data
+
+
+class MetricsExporter:
+    """Prometheus gauges mirroring a ProgressState, in a registry of their own."""
+
+    def __init__(self, state: ProgressState) -> None:
+        self.state = state
+        self.registry = CollectorRegistry()
+        gauges = {
+            "step": ("kubetune_trainer_step", "Optimizer steps done"),
+            "total_steps": ("kubetune_trainer_total_steps", "Optimizer steps in the run"),
+            "epoch": ("kubetune_trainer_epoch", "Fractional epoch"),
+            "train_loss": ("kubetune_trainer_train_loss", "Latest training loss"),
+            "eval_loss": ("kubetune_trainer_eval_loss", "Latest evaluation loss"),
+            "learning_rate": ("kubetune_trainer_learning_rate", "Current learning rate"),
+            "tokens_per_second": (
+                "kubetune_trainer_tokens_per_second",
+                "Non-pad tokens trained per second",
+            ),
+            "padding_ratio": ("kubetune_trainer_padding_ratio", "Share of pad tokens in batches"),
+            "last_checkpoint_step": (
+                "kubetune_trainer_last_checkpoint_step",
+                "Step of the newest complete checkpoint",
+            ),
+        }
+        self._gauges = {
+            attr: Gauge(name, doc, registry=self.registry) for attr, (name, doc) in gauges.items()
+        }
+
+    def render(self) -> bytes:
+        for attr, gauge in self._gauges.items():
+            value = getattr(self.state, attr)
+            gauge.set(float("nan") if value is None else value)
+        return generate_latest(self.registry)
+
+
+class ProgressServer:
+    """Serves /progress and /metrics for the operator to poll."""
+
+    def __init__(self, state: ProgressState, port: int, host: str | None = None) -> None:
+        exporter = MetricsExporter(state)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/metrics"):
+                    body, kind = exporter.render(), CONTENT_TYPE_LATEST
+                elif self.path.startswith("/progress"):
+                    body, kind = json.dumps(state.as_json()).encode(), "application/json"
+                elif self.path.startswith("/healthz"):
+                    body, kind = b"ok", "text/plain"
+                else:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet access log
+                return
+
+        bind = host or os.environ.get("POD_IP") or "0.0.0.0"
+        self._server = ThreadingHTTPServer((bind, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def __enter__(self) -> ProgressServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def write_termination_message(path: str | Path, result: dict[str, Any]) -> None:
+    """Write the final result where Kubernetes keeps it after the container exits.
+
+    The kubelet keeps at most 4 KiB, so optional details are dropped first if needed.
+    """
+    payload = dict(result)
+    text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    for optional in ("stats", "metrics", "message"):
+        if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+            break
+        payload.pop(optional, None)
+        text = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+    Path(path).write_text(text[:TERMINATION_MESSAGE_LIMIT], encoding="utf-8")

@@ -1,0 +1,427 @@
+"""The training recipe, top to bottom.
+
+resolve config → fetch model and data → format and tokenize → split, dedupe, check for
+leakage → pack → build model (quantize, attach PEFT) → train with eval, early stopping
+and periodic checkpoints (resuming from the newest complete one) → write the artifact,
+manifest last → report.
+
+The loop itself is the Hugging Face Trainer: it already does gradient accumulation with
+token-count loss normalisation, schedulers, clipping, mixed precision, gradient
+checkpointing, checkpoint save/resume (optimizer, scheduler, RNG, data position) and
+evaluation. What is ours lives in the callbacks below: progress, checkpoint upload,
+early stopping and graceful preemption.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .artifact import PublishedArtifact, publish, write_manifest
+from .checkpoints import download_checkpoint, newest_complete, upload_checkpoint
+from .config import TrainerConfig
+from .errors import Preempted
+from .progress import ProgressState
+from .storage import Store, fetch_to_local, open_store
+
+
+@dataclass
+class RunResult:
+    artifact: PublishedArtifact
+    metrics: dict[str, float]
+    stats: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int | None = None
+    local_artifact_dir: Path | None = None
+
+    def as_termination_message(self) -> dict[str, Any]:
+        return {
+            "artifact": {
+                "uri": self.artifact.uri,
+                "digest": self.artifact.digest,
+                "sizeBytes": self.artifact.size_bytes,
+            },
+            "metrics": self.metrics,
+            "stats": self.stats,
+        }
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callbacks(
+    config: TrainerConfig,
+    state: ProgressState,
+    store: Store,
+    stop: threading.Event,
+    token_counter: Any,
+    progress_bar: bool,
+) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):  # type: ignore[misc]
+        """Mirror the Trainer's state into ProgressState (and a console bar)."""
+
+        def __init__(self) -> None:
+            self.bar: Any = None
+            self.started = time.time()
+            self.tokens_at_start = 0
+
+        def on_train_begin(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
+            state.phase = "training"
+            state.total_steps = tstate.max_steps
+            state.step = tstate.global_step
+            self.started = time.time()
+            state.started_at = self.started - 0.0
+            self.tokens_at_start = token_counter.non_pad
+            if progress_bar:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=tstate.max_steps, initial=tstate.global_step, unit="step")
+
+        def on_step_end(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
+            state.step = tstate.global_step
+            state.epoch = float(tstate.epoch or 0.0)
+            elapsed = max(time.time() - self.started, 1e-6)
+            state.trained_tokens = token_counter.non_pad
+            state.tokens_per_second = (token_counter.non_pad - self.tokens_at_start) / elapsed
+            state.padding_ratio = token_counter.padding_ratio
+            if self.bar is not None:
+                self.bar.update(tstate.global_step - self.bar.n)
+                postfix = {"tok/s": f"{state.tokens_per_second:.0f}"}
+                if state.train_loss is not None:
+                    postfix["loss"] = f"{state.train_loss:.4f}"
+                if state.eval_loss is not None:
+                    postfix["eval"] = f"{state.eval_loss:.4f}"
+                self.bar.set_postfix(postfix, refresh=False)
+            if stop.is_set():
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args: Any, tstate: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            logs = logs or {}
+            if "loss" in logs:
+                state.train_loss = float(logs["loss"])
+            if "learning_rate" in logs:
+                state.learning_rate = float(logs["learning_rate"])
+            if "eval_loss" in logs:
+                state.eval_loss = float(logs["eval_loss"])
+
+        def on_train_end(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    class UploadCheckpoints(TrainerCallback):  # type: ignore[misc]
+        """Copy each checkpoint the Trainer saves to the output store, marker last."""
+
+        def on_save(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
+            local = Path(args.output_dir) / f"checkpoint-{tstate.global_step}"
+            remote = upload_checkpoint(local, store, tstate.global_step)
+            state.last_checkpoint_step = remote.step
+            state.last_checkpoint_uri = remote.uri
+
+    class EarlyStopping(TrainerCallback):  # type: ignore[misc]
+        """Stop when eval loss has not improved by min_delta for `patience` evaluations."""
+
+        def __init__(self, patience: int, min_delta: float) -> None:
+            self.patience, self.min_delta = patience, min_delta
+            self.best = math.inf
+            self.bad_evals = 0
+
+        def on_evaluate(
+            self, args: Any, tstate: Any, control: Any, metrics: Any = None, **kw: Any
+        ) -> None:
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            if loss < self.best - self.min_delta:
+                self.best, self.bad_evals = loss, 0
+            else:
+                self.bad_evals += 1
+                if self.bad_evals >= self.patience:
+                    state.message = f"early stopping: no eval improvement in {self.patience} evals"
+                    control.should_training_stop = True
+
+    callbacks: list[Any] = [Progress(), UploadCheckpoints()]
+    early = config.training.early_stopping
+    if early is not None:
+        callbacks.append(EarlyStopping(early.patience, early.min_delta))
+    return callbacks
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def _training_arguments(
+    config: TrainerConfig, output_dir: Path, precision: str, has_eval: bool
+) -> Any:
+    from transformers import TrainingArguments
+
+    t = config.training
+    eval_steps = t.eval_every_steps if has_eval and t.eval_every_steps else None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else 1e9,
+        num_train_epochs=t.effective_epochs,
+        max_steps=t.max_steps or -1,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if t.checkpoint_every_steps else "no",
+        save_steps=t.checkpoint_every_steps or 500,
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not _cuda(),
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def run(
+    config: TrainerConfig,
+    *,
+    work_dir: Path,
+    state: ProgressState,
+    stop: threading.Event,
+    progress_bar: bool = False,
+) -> RunResult:
+    """Run the whole recipe. Raises TrainerError (with an exit code) on failure."""
+    from transformers import AutoTokenizer, PrinterCallback, set_seed
+
+    from . import data as data_stage
+    from . import packing
+    from .modeling import build_model, resolve_model_dir, resolve_precision
+
+    set_seed(config.training.seed)
+    endpoint = config.output.endpoint_url
+    store = open_store(config.output.uri, endpoint_url=endpoint, region=config.output.region)
+    cache = work_dir / "cache"
+
+    # Fetch model and data.
+    state.phase = "preparing"
+    precision = resolve_precision(config.training.precision)
+    model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    fetched: dict[str, str] = {}  # local path → the source URI the user wrote
+
+    def local(sources: list[str]) -> list[Path]:
+        paths = [fetch_to_local(s, cache / "data", endpoint_url=endpoint) for s in sources]
+        fetched.update({str(p): s for p, s in zip(paths, sources, strict=True)})
+        return paths
+
+    # Format, dedupe, split (no leakage), tokenize with prompt masking, pack.
+    prepared = data_stage.prepare(
+        local(config.dataset.sources),
+        config.dataset,
+        validation_paths=local(config.dataset.validation_sources),
+        seed=config.training.seed,
+    )
+    train_rows, train_stats = data_stage.tokenize_examples(
+        prepared.train, tokenizer, config.dataset.max_seq_length
+    )
+    eval_rows, _ = data_stage.tokenize_examples(
+        prepared.validation, tokenizer, config.dataset.max_seq_length, allow_empty=True
+    )
+    if config.dataset.packing:
+        train_rows = packing.pack(
+            train_rows, config.dataset.max_seq_length, seed=config.training.seed
+        )
+        eval_rows = packing.pack(
+            eval_rows, config.dataset.max_seq_length, seed=config.training.seed
+        )
+        eval_collator: Any = packing.PackedCollator(tokenizer.pad_token_id)
+    else:
+        eval_collator = packing.PaddingCollator(tokenizer.pad_token_id)
+    collator = packing.CountingCollator(eval_collator)  # counts training tokens only
+    stats = {**prepared.stats, **train_stats, "train_sequences": len(train_rows)}
+
+    # Build the model.
+    model = build_model(
+        model_dir,
+        config.method,
+        gradient_checkpointing=config.training.gradient_checkpointing,
+        precision=precision,
+    )
+
+    # Train, resuming from the newest complete checkpoint in the output store.
+    output_dir = work_dir / "trainer"
+    resume = newest_complete(store)
+    resume_path = download_checkpoint(store, resume, output_dir) if resume else None
+    if resume is not None:
+        state.last_checkpoint_step, state.last_checkpoint_uri = resume.step, resume.uri
+    trainer = _trainer_class()(
+        eval_collator=eval_collator,
+        model=model,
+        args=_training_arguments(config, output_dir, precision, has_eval=bool(eval_rows)),
+        train_dataset=train_rows,
+        eval_dataset=eval_rows or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=_callbacks(config, state, store, stop, collator, progress_bar),
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar and summary replace it
+    trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+    if stop.is_set():
+        raise Preempted(
+            f"stopped by SIGTERM at step {trainer.state.global_step}; "
+            f"checkpoint {state.last_checkpoint_uri} saved",
+            hint="the next attempt resumes from it",
+        )
+
+    # Final evaluation and metrics.
+    metrics = _final_metrics(trainer, bool(eval_rows), state)
+
+    # Write the artifact, manifest last.
+    state.phase = "saving"
+    artifact_dir = work_dir / "artifact"
+    _save_artifact(trainer.model, tokenizer, artifact_dir, config, model_dir)
+    _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
+    details = {
+        "base_model": {"source": config.model.source, "revision": config.model.revision},
+        "datasets": [_with_uri(record, fetched) for record in prepared.stats.get("sources", [])],
+        "method": config.method.model_dump(mode="json"),
+        "training": config.training.model_dump(mode="json"),
+        "dataset": config.dataset.model_dump(mode="json", exclude={"sources"}),
+        "metrics": metrics,
+        "stats": stats,
+        "resumed_from_step": resume.step if resume else None,
+    }
+    write_manifest(artifact_dir, details)
+    key = "model" if config.method.type == "full" else "adapter"
+    published = publish(artifact_dir, store, key)
+    state.phase = "done"
+    return RunResult(
+        artifact=published,
+        metrics=metrics,
+        stats={k: v for k, v in stats.items() if isinstance(v, int | float)},
+        resumed_from_step=resume.step if resume else None,
+        local_artifact_dir=artifact_dir,
+    )
+
+
+def _trainer_class() -> Any:
+    from transformers import Trainer
+
+    class KubetuneTrainer(Trainer):  # type: ignore[misc]
+        """The stock Trainer, with an evaluation collator that does not count tokens."""
+
+        def __init__(self, *args: Any, eval_collator: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.eval_collator = eval_collator
+
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            counting, self.data_collator = self.data_collator, self.eval_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = counting
+
+    return KubetuneTrainer
+
+
+def _final_metrics(trainer: Any, has_eval: bool, state: ProgressState) -> dict[str, float]:
+    metrics: dict[str, float] = {"steps": float(trainer.state.global_step)}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if losses:
+        metrics["train_loss"] = float(losses[-1])
+        metrics["first_train_loss"] = float(losses[0])
+    if has_eval:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        metrics["eval_loss"] = eval_loss
+        metrics["perplexity"] = float(math.exp(min(eval_loss, 50.0)))
+        state.eval_loss = eval_loss
+    if state.tokens_per_second is not None:
+        metrics["tokens_per_second"] = float(state.tokens_per_second)
+    return metrics
+
+
+def _with_uri(record: dict[str, Any], fetched: dict[str, str]) -> dict[str, Any]:
+    """A dataset file's manifest entry, naming the URI the user gave, not our cache path."""
+    path = str(record.get("path", ""))
+    for local, uri in fetched.items():
+        if path == local or path.startswith(local.rstrip("/") + "/"):
+            suffix = path[len(local) :].lstrip("/")
+            source = f"{uri.rstrip('/')}/{suffix}" if suffix else uri
+            return {**{k: v for k, v in record.items() if k != "path"}, "source": source}
+    return record
+
+
+def _save_artifact(
+    model: Any, tokenizer: Any, directory: Path, config: TrainerConfig, model_dir: Path
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    base_name = config.model.source.removeprefix("hf://")
+    if config.method.type == "full":
+        model.save_pretrained(str(directory))
+    else:
+        model.peft_config["default"].base_model_name_or_path = base_name
+        if config.model.revision:
+            model.peft_config["default"].revision = config.model.revision
+        model.save_pretrained(str(directory))
+    from .data import ensure_chat_template
+
+    ensure_chat_template(tokenizer)  # inference formats prompts as training did
+    tokenizer.save_pretrained(str(directory))
+    if config.output.merge_adapter and config.method.type != "full":
+        _save_merged(directory, model_dir, directory / "merged")
+
+
+def _save_merged(adapter_dir: Path, model_dir: Path, target: Path) -> None:
+    """Merge the adapter into an unquantized copy of the base (works for qlora too)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if _cuda() else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(target))
+
+
+def _write_loss_plot(history: list[dict[str, Any]], path: Path, config: TrainerConfig) -> None:
+    if not config.reporting.loss_plot:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.set_title(f"{config.job_name}: {config.method.type}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
