@@ -42,10 +42,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import attrs
 import jsonpatch
 import kmock
+import multidict
 import yaml
+import yarl
 
 from .audit import AuditEntry, AuditLog, rbac_verb, user_of
 from .selectors import Selector, SelectorError, parse_field_selector, parse_label_selector
@@ -55,6 +58,7 @@ Key = tuple[kmock.resource, str | None, str]
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.io.yaml"
 NAMESPACE_SUBRESOURCES = {"status", "finalize"}
+PATH_HEADER = "X-Emulator-Path"  # the real path of a request whose URL kmock cannot parse
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 
 
@@ -81,6 +85,37 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 def _without(body: Body, *keys: str) -> Body:
     return {key: value for key, value in body.items() if key not in keys}
+
+
+def _kmock_path(path: str) -> str:
+    """A path that kmock's own URL parser can digest, for the real one see ``_split_path``.
+
+    kmock crashes on ``/api/v1/namespaces[/x[/status]]`` (it takes ``namespaces`` for the
+    prefix of a namespaced URL) and has no route for ``/api/`` and ``/apis/``.
+    """
+    parts = path.strip("/").split("/")
+    if _split_path(path) and parts[2:3] == ["namespaces"]:
+        parts[2] = "_namespaces"
+    return "/" + "/".join(parts)
+
+
+def _split_path(
+    path: str,
+) -> tuple[kmock.resource, str | None, str | None, str | None] | None:
+    """``(resource, namespace, name, subresource)`` of a resource URL, None for others."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "api" and len(parts) >= 3:
+        group, version, rest = "", parts[1], parts[2:]
+    elif parts[0] == "apis" and len(parts) >= 4:
+        group, version, rest = parts[1], parts[2], parts[3:]
+    else:
+        return None
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in NAMESPACE_SUBRESOURCES:
+        namespace, rest = rest[1], rest[2:]
+    name = rest[1] if len(rest) > 1 else None
+    subresource = "/".join(rest[2:]) or None
+    return kmock.resource(group, version, rest[0]), namespace, name, subresource
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,39 +176,48 @@ class Emulator(kmock.KubernetesEmulator):
 
     # -- routing ----------------------------------------------------------------------
 
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        path = raw_request.path
+        hidden = _kmock_path(path)
+        if hidden != path:
+            raw_request = raw_request.clone(
+                rel_url=yarl.URL(hidden).with_query(raw_request.query),
+                headers=multidict.CIMultiDict({**raw_request.headers, PATH_HEADER: path}),
+            )
+        return await super().__call__(raw_request)
+
     async def _handle(self, request: kmock.Request) -> Any:
-        request = self._route(request)
+        routed = self._route(request)
+        if routed is not request:  # kmock matches reactions by identity of recorded requests
+            self._requests[self._requests.index(request)] = request = routed
         if request.resource is not None and request.resource.plural is not None:
             self.audit.record(self._audit_entry(request))
         # Skip KubernetesEmulator._handle(): it mutates its store before any reaction.
         return await super(kmock.KubernetesEmulator, self)._handle(request)
 
     def _route(self, request: kmock.Request) -> kmock.Request:
-        """Re-parse a resource URL; kmock takes ``/api/v1/namespaces[/x]`` for a prefix."""
-        parts = request.url.path.strip("/").split("/")
-        if parts[0] == "api" and len(parts) >= 3:
-            group, version, rest = "", parts[1], parts[2:]
-        elif parts[0] == "apis" and len(parts) >= 4:
-            group, version, rest = parts[1], parts[2], parts[3:]
-        else:
+        """Re-parse a resource URL into the request's resource, namespace, name, action."""
+        parsed = _split_path(request.headers.get(PATH_HEADER, request.url.path))
+        if parsed is None:
             return request  # discovery and other non-resource URLs
-        namespace = None
-        if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in NAMESPACE_SUBRESOURCES:
-            namespace, rest = rest[1], rest[2:]
-        name = rest[1] if len(rest) > 1 else None
+        resource, namespace, name, subresource = parsed
         method, watch = request.method.value, request.params.get("watch") in ("true", "1")
         action = {
-            "GET": kmock.action.WATCH if watch else kmock.action.FETCH if name else kmock.action.LIST,
+            "GET": kmock.action.WATCH
+            if watch
+            else kmock.action.FETCH
+            if name
+            else kmock.action.LIST,
             "POST": kmock.action.CREATE,
             "PATCH": kmock.action.UPDATE,
             "DELETE": kmock.action.DELETE if name else None,
         }.get(method)
         return attrs.evolve(
             request,
-            resource=kmock.resource(group, version, rest[0]),
+            resource=resource,
             namespace=namespace,
             name=name,
-            subresource="/".join(rest[2:]) or None,
+            subresource=subresource,
             action=action,
         )
 
@@ -196,6 +240,14 @@ class Emulator(kmock.KubernetesEmulator):
     async def _serve_version(self, request: kmock.Request) -> Any:
         result = await super()._serve_version(request)
         result["groupVersion"] = result["groupVersion"].lstrip("/")  # kmock says "/v1"
+        return result
+
+    async def _serve_api(self, request: kmock.Request) -> Any:
+        result = await super()._serve_api(request)
+        address = f"{request.url.host}:{request.url.port}"  # required by the kubernetes client
+        result["serverAddressByClientCIDRs"] = [
+            {"clientCIDR": "0.0.0.0/0", "serverAddress": address}
+        ]
         return result
 
     # -- the store --------------------------------------------------------------------
@@ -227,7 +279,9 @@ class Emulator(kmock.KubernetesEmulator):
             for (res, _, _), obj in self.objects.items()
             if res == resource and not obj.deleted
         ]
-        return sorted(found, key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"]))
+        return sorted(
+            found, key=lambda o: (o["metadata"].get("namespace") or "", o["metadata"]["name"])
+        )
 
     def _commit(self, key: Key, type_: str, obj: Body, old: Body | None) -> Body:
         """Give ``obj`` the next resourceVersion, store (or drop) it and publish the event."""
@@ -268,7 +322,9 @@ class Emulator(kmock.KubernetesEmulator):
         meta = obj.setdefault("metadata", {})
         namespace = self._namespace_for(info, request, meta)
         if not meta.get("name") and meta.get("generateName"):
-            suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+            suffix = "".join(
+                secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5)
+            )
             meta["name"] = meta["generateName"] + suffix
         if not meta.get("name"):
             raise _error(422, "Invalid", "metadata.name or metadata.generateName is required")
@@ -351,7 +407,9 @@ class Emulator(kmock.KubernetesEmulator):
             backlog = [event for event in backlog if watch.sees(event["object"])]
         else:
             events = (e for e in self._history if e.revision > int(since))
-            backlog = [t for e in events if e.resource == watch.resource if (t := watch.translate(e))]
+            backlog = [
+                t for e in events if e.resource == watch.resource if (t := watch.translate(e))
+            ]
         if request.params.get("sendInitialEvents") == "true":
             backlog.append(self._bookmark(info, watch.resource, initial_end=True))
         self._watches.add(watch)
@@ -385,11 +443,12 @@ class Emulator(kmock.KubernetesEmulator):
             for item in backlog:
                 yield item
             while True:
-                wait = self.bookmark_interval if bookmarks else None
+                waits = [self.bookmark_interval] if bookmarks else []
                 if deadline is not None:
-                    wait = min(wait or deadline, deadline - loop.time())
-                    if wait <= 0:
-                        return
+                    waits.append(deadline - loop.time())
+                wait = min(waits, default=None)
+                if wait is not None and wait <= 0:
+                    return  # timeoutSeconds is over
                 try:
                     event = await asyncio.wait_for(watch.queue.get(), timeout=wait)
                 except TimeoutError:
@@ -421,7 +480,7 @@ class Emulator(kmock.KubernetesEmulator):
         elif content_type in ("application/apply-patch+yaml", "application/apply-patch+cbor"):
             raise _error(415, "UnsupportedMediaType", "server-side apply is not emulated")
         elif isinstance(request.data, dict):
-            self._check_version(old, request.data)
+            self._check_preconditions(old, request.data)
             new = merge_patch(old, request.data)  # also for strategic-merge-patch
         else:
             raise _error(400, "BadRequest", "the patch must be a JSON object or a JSON patch")
@@ -431,14 +490,16 @@ class Emulator(kmock.KubernetesEmulator):
         info, key, old = self._existing(request)
         if not isinstance(request.data, dict):
             raise _error(400, "BadRequest", "the body must be a JSON object")
-        self._check_version(old, request.data)
+        self._check_preconditions(old, request.data)
         return self._write(info, key, old, copy.deepcopy(request.data), request.subresource)
 
     @staticmethod
-    def _check_version(old: Body, body: Body) -> None:
-        wanted = (body.get("metadata") or {}).get("resourceVersion")
-        if wanted and wanted != old["metadata"].get("resourceVersion"):
-            raise _error(409, "Conflict", "the object has been modified; apply to the latest")
+    def _check_preconditions(old: Body, body: Body) -> None:
+        """A ``resourceVersion`` or ``uid`` in the body must be the object's (else 409)."""
+        meta = body.get("metadata") or {}
+        for field in ("resourceVersion", "uid"):
+            if meta.get(field) and meta[field] != old["metadata"].get(field):
+                raise _error(409, "Conflict", f"precondition failed: {field} {meta[field]}")
 
     def _write(
         self, info: kmock.ResourceInfo, key: Key, old: Body, new: Body, subresource: str | None
@@ -448,9 +509,15 @@ class Emulator(kmock.KubernetesEmulator):
             raise _error(404, "NotFound", f"subresource {subresource} is not emulated")
         has_status = "status" in info.subresources
         if subresource == "status":  # only the status changes
-            new = {**_without(old, "status"), **({"status": new["status"]} if "status" in new else {})}
+            new = {
+                **_without(old, "status"),
+                **({"status": new["status"]} if "status" in new else {}),
+            }
         elif has_status:  # the status does not change
-            new = {**_without(new, "status"), **({"status": old["status"]} if "status" in old else {})}
+            new = {
+                **_without(new, "status"),
+                **({"status": old["status"]} if "status" in old else {}),
+            }
         meta = new["metadata"] = dict(new.get("metadata") or {})
         for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"):
             if field in old["metadata"]:
@@ -495,9 +562,13 @@ class Emulator(kmock.KubernetesEmulator):
     def _collect_garbage(self) -> None:
         """Delete objects whose owners (by ``ownerReferences`` uid) are all gone."""
         alive = {o["metadata"].get("uid") for o in self._all_live().values()}
-        for key, obj in self._all_live().items():
-            owners = {ref.get("uid") for ref in obj["metadata"].get("ownerReferences") or []}
-            if owners and not owners & alive and not obj["metadata"].get("deletionTimestamp"):
+        for key in list(self._all_live()):
+            obj = self._get(key)  # it may be gone by now: collected by a nested collection
+            owners = {
+                ref.get("uid")
+                for ref in (obj or {}).get("metadata", {}).get("ownerReferences") or []
+            }
+            if obj is not None and owners and not owners & alive:
                 self._delete(key, obj)
 
     def _all_live(self) -> dict[Key, Body]:

@@ -240,3 +240,52 @@ def test_sigterm_checkpoints_and_exits_preempted(
     steps = [int(p.parent.name.split("-")[1]) for p in output.glob("checkpoints/step-*/COMPLETE")]
     assert steps and max(steps) >= 3
     assert not (output / "adapter").exists()
+
+
+def test_model_and_data_from_s3(
+    tiny_model: Path, tiny_dataset: Path, seaweedfs, monkeypatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    bucket = seaweedfs.create_bucket()
+    store = open_store(f"s3://{bucket}", endpoint_url=seaweedfs.endpoint_url)
+    store.upload_dir(tiny_model, "models/tiny")
+    store.upload_file(tiny_dataset, "data/train.jsonl")
+    config = tiny_config(
+        tiny_model,
+        tiny_dataset,
+        f"s3://{bucket}/out",
+        model={"source": f"s3://{bucket}/models/tiny"},
+        dataset={"sources": [f"s3://{bucket}/data/train.jsonl"]},
+        output={"endpoint_url": seaweedfs.endpoint_url},
+        training={"max_steps": 2},
+    )
+    assert execute(config) == ExitCode.OK
+    manifest = json.loads(store.get_bytes("out/adapter/manifest.json"))
+    assert manifest["datasets"][0]["source"] == f"s3://{bucket}/data/train.jsonl"
+    assert manifest["datasets"][0]["sha256"] == sha256_file(tiny_dataset)
+
+
+def test_kubetune_train_runs_a_manifest_locally(
+    tiny_model: Path, tiny_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    from kubetune_operator.cli import main
+
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "cli-job"},
+        "spec": {
+            "model": {"source": str(tiny_model)},
+            "dataset": {"sources": [str(tiny_dataset)], "maxSeqLength": 128},
+            "training": {"maxSteps": 4, "learningRate": "3e-3"},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["train", "-f", str(path), "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"file://{tmp_path / 'out' / 'adapter'}" in out
+    assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()

@@ -15,12 +15,12 @@ from kubetune_trainer.config import TrainerConfig
 
 
 def tiny_config(
-    model: Path, data: Path, output_uri: str, **sections: dict[str, Any]
+    model_dir: Path, data: Path, output_uri: str, **sections: dict[str, Any]
 ) -> TrainerConfig:
     """A small, fast trainer configuration; ``sections`` override parts of it."""
     base: dict[str, Any] = {
         "job_name": "test",
-        "model": {"source": str(model)},
+        "model": {"source": str(model_dir)},
         "dataset": {"sources": [str(data)], "format": "alpaca", "max_seq_length": 128},
         "method": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "training": {

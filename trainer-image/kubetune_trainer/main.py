@@ -109,6 +109,15 @@ def _print_summary(outcome: Any, seconds: float) -> None:
         + (f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else "")
         + ")",
     ]
+    stats = outcome.stats
+    if "train_examples" in stats:
+        lines.append(
+            f"  data         {stats['train_examples']} train / "
+            f"{stats.get('validation_examples', 0)} validation examples "
+            f"({stats.get('duplicates_removed', 0)} duplicates removed, "
+            f"{stats.get('truncated_examples', 0)} truncated, "
+            f"{stats.get('train_sequences', 0)} sequences)"
+        )
     if "first_train_loss" in metrics:
         lines.append(
             f"  train loss   {metrics['first_train_loss']:.4f} → {metrics['train_loss']:.4f}"
