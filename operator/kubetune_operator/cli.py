@@ -4,6 +4,7 @@
     kubetune validate -f job.yaml     check manifests exactly as the operator will
     kubetune tiny-model DIR           build a tiny offline model, tokenizer and dataset
     kubetune train -f job.yaml        run a FineTuneJob locally, no cluster needed
+    kubetune operator                 run the operator (in the cluster, or against a kubeconfig)
 
 The trainer is imported only by the commands that train, so ``crd`` and ``validate``
 work with the operator's dependencies alone.
@@ -86,6 +87,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return run_local(trainer_config(job, output_uri=output))
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from .handlers import OperatorConfig
+    from .runner import Operator, OperatorOptions
+
+    options = OperatorOptions(
+        config=OperatorConfig(
+            image=args.image,
+            progress_interval_seconds=args.progress_interval,
+            resync_interval_seconds=args.resync_interval,
+        ),
+        kubeconfig=args.kubeconfig,
+        namespaces=args.namespace or [],
+        metrics_port=args.metrics_port,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+    )
+    Operator(options).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetune", description="Fine-tune language models on Kubernetes."
@@ -119,6 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory when the job names none (default ./kubetune-output/<name>)",
     )
     train.set_defaults(run=_cmd_train)
+
+    from .workload import DEFAULT_IMAGE
+
+    operator = commands.add_parser("operator", help="run the FineTuneJob operator")
+    operator.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        help="watch only this namespace (repeatable); default: the whole cluster",
+    )
+    operator.add_argument("--image", default=DEFAULT_IMAGE, help="the trainer image")
+    operator.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
+    operator.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics")
+    operator.add_argument("--health-port", type=int, default=8081, help="liveness /healthz")
+    operator.add_argument(
+        "--progress-interval",
+        type=float,
+        default=5.0,
+        help="seconds between polls of a running trainer's progress",
+    )
+    operator.add_argument(
+        "--resync-interval", type=float, default=60.0, help="seconds between full reconciles"
+    )
+    operator.set_defaults(run=_cmd_operator)
     return parser
 
 

@@ -1,0 +1,98 @@
+"""The operator's Prometheus metrics (prometheus-client), in a registry of their own."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter as Tally
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .api.types import JobState
+
+STATES: tuple[str, ...] = JobState.__args__  # type: ignore[attr-defined]
+
+
+class OperatorMetrics:
+    """Jobs by state, transitions, reconcile timings, API errors and per-job gauges."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("kubetune_jobs", "FineTuneJobs by state", ["state"], registry=r)
+        self.transitions = Counter(
+            "kubetune_job_transitions",
+            "FineTuneJob state transitions",
+            ["from_state", "to_state"],
+            registry=r,
+        )
+        self.reconcile_seconds = Histogram(
+            "kubetune_reconcile_duration_seconds",
+            "Time to reconcile one FineTuneJob",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.api_errors = Counter(
+            "kubetune_api_errors", "Failed Kubernetes API calls", ["operation"], registry=r
+        )
+        labels = ["namespace", "name"]
+        self.job_progress = Gauge(
+            "kubetune_job_progress_ratio", "Share of optimizer steps done", labels, registry=r
+        )
+        self.job_train_loss = Gauge(
+            "kubetune_job_train_loss", "Latest training loss", labels, registry=r
+        )
+        self.job_eval_loss = Gauge(
+            "kubetune_job_eval_loss", "Latest evaluation loss", labels, registry=r
+        )
+        self.job_tokens_per_second = Gauge(
+            "kubetune_job_tokens_per_second",
+            "Non-pad tokens trained per second",
+            labels,
+            registry=r,
+        )
+        self._per_job = (
+            self.job_progress,
+            self.job_train_loss,
+            self.job_eval_loss,
+            self.job_tokens_per_second,
+        )
+        self._states: dict[tuple[str, str], str] = {}
+        for state in STATES:
+            self.jobs.labels(state=state).set(0)
+
+    def observe_state(self, namespace: str, name: str, state: str | None) -> None:
+        key = (namespace, name)
+        previous = self._states.get(key)
+        if state is None or previous == state:
+            return
+        self.transitions.labels(from_state=previous or "New", to_state=state).inc()
+        self._states[key] = state
+        self._refresh_states()
+
+    def observe_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        progress = status.get("progress") or {}
+        metrics = status.get("metrics") or {}
+        if progress.get("totalSteps"):
+            ratio = progress.get("step", 0) / progress["totalSteps"]
+            self.job_progress.labels(namespace, name).set(ratio)
+        for gauge, key in (
+            (self.job_train_loss, "trainLoss"),
+            (self.job_eval_loss, "evalLoss"),
+            (self.job_tokens_per_second, "tokensPerSecond"),
+        ):
+            if metrics.get(key) is not None:
+                gauge.labels(namespace, name).set(metrics[key])
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted job's series."""
+        self._states.pop((namespace, name), None)
+        self._refresh_states()
+        for gauge in self._per_job:
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
+
+    def _refresh_states(self) -> None:
+        counts = Tally(self._states.values())
+        for state in STATES:
+            self.jobs.labels(state=state).set(counts.get(state, 0))

@@ -1,0 +1,75 @@
+"""Turn the trainer's /progress JSON into a status patch. Pure; the poller does the I/O."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+from .workload import PROGRESS_PORT
+
+
+def progress_url(pod_ip: str, port: int = PROGRESS_PORT) -> str:
+    return f"http://{pod_ip}:{port}/progress"
+
+
+def fetch_progress(pod_ip: str, *, port: int = PROGRESS_PORT, timeout: float = 2.0) -> Any:
+    """GET the trainer's progress; None when it does not answer (yet)."""
+    try:
+        with urllib.request.urlopen(progress_url(pod_ip, port), timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _rounded(value: Any, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def status_from_progress(progress: dict[str, Any], checkpoint_time: str) -> dict[str, Any]:
+    """The status fields (progress, metrics, lastCheckpoint) a progress report implies.
+
+    Values are rounded so that noise alone does not produce a new status write.
+    """
+    status: dict[str, Any] = {
+        "progress": {
+            "step": int(progress.get("step") or 0),
+            "totalSteps": int(progress.get("total_steps") or 0),
+            "epoch": _rounded(progress.get("epoch"), 2) or 0.0,
+            "percent": int(progress.get("percent") or 0),
+            "etaSeconds": progress.get("eta_seconds"),
+        }
+    }
+    metrics = {
+        "trainLoss": _rounded(progress.get("train_loss")),
+        "evalLoss": _rounded(progress.get("eval_loss")),
+        "learningRate": _rounded(progress.get("learning_rate"), 8),
+        "tokensPerSecond": _rounded(progress.get("tokens_per_second"), 0),
+    }
+    status["metrics"] = {k: v for k, v in metrics.items() if v is not None}
+    if progress.get("last_checkpoint_step") is not None:
+        status["lastCheckpoint"] = {
+            "step": int(progress["last_checkpoint_step"]),
+            "uri": progress.get("last_checkpoint_uri") or "",
+            "time": checkpoint_time,
+        }
+    return status
+
+
+def changed_fields(old_status: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields whose value differs (so an unchanged report writes nothing).
+
+    lastCheckpoint keeps its old time when the step has not moved.
+    """
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        old = old_status.get(key)
+        if key == "lastCheckpoint" and old and old.get("step") == value.get("step"):
+            continue
+        if key == "progress" and old:
+            comparable = {k: v for k, v in value.items() if k != "etaSeconds"}
+            if all(old.get(k) == v for k, v in comparable.items()):
+                continue
+        if old != value:
+            patch[key] = value
+    return patch

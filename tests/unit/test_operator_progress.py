@@ -1,0 +1,67 @@
+"""Progress reports become small, throttled status patches; metrics follow jobs."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import generate_latest
+
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.progress import changed_fields, status_from_progress
+
+pytestmark = pytest.mark.unit
+
+REPORT = {
+    "step": 10,
+    "total_steps": 40,
+    "epoch": 0.5123,
+    "percent": 25,
+    "eta_seconds": 90,
+    "train_loss": 2.345678,
+    "eval_loss": None,
+    "learning_rate": 0.0002,
+    "tokens_per_second": 1234.56,
+    "last_checkpoint_step": 8,
+    "last_checkpoint_uri": "s3://b/job/checkpoints/step-00000008",
+}
+
+
+def test_status_from_progress() -> None:
+    status = status_from_progress(REPORT, "2026-11-23T12:00:00Z")
+    assert status["progress"] == {
+        "step": 10,
+        "totalSteps": 40,
+        "epoch": 0.51,
+        "percent": 25,
+        "etaSeconds": 90,
+    }
+    assert status["metrics"] == {
+        "trainLoss": 2.3457,
+        "learningRate": 0.0002,
+        "tokensPerSecond": 1235.0,
+    }
+    assert status["lastCheckpoint"]["step"] == 8
+
+
+def test_unchanged_report_writes_nothing() -> None:
+    first = status_from_progress(REPORT, "2026-11-23T12:00:00Z")
+    later = status_from_progress({**REPORT, "eta_seconds": 85}, "2026-11-23T12:00:05Z")
+    assert changed_fields(first, later) == {}
+    moved = status_from_progress({**REPORT, "step": 11, "percent": 27}, "2026-11-23T12:00:05Z")
+    assert set(changed_fields(first, moved)) == {"progress"}
+
+
+def test_metrics_follow_jobs_and_are_removed_on_delete() -> None:
+    metrics = OperatorMetrics()
+    metrics.observe_state("ns", "a", "Pending")
+    metrics.observe_state("ns", "a", "Running")
+    metrics.observe_status(
+        "ns", "a", {"progress": {"step": 10, "totalSteps": 40}, "metrics": {"trainLoss": 1.5}}
+    )
+    text = generate_latest(metrics.registry).decode()
+    assert 'kubetune_jobs{state="Running"} 1.0' in text
+    assert 'kubetune_job_transitions_total{from_state="Pending",to_state="Running"} 1.0' in text
+    assert 'kubetune_job_progress_ratio{name="a",namespace="ns"} 0.25' in text
+    metrics.forget("ns", "a")
+    text = generate_latest(metrics.registry).decode()
+    assert 'kubetune_jobs{state="Running"} 0.0' in text
+    assert 'name="a"' not in text
