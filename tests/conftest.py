@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from seaweedfs import SeaweedFS, find_weed, run_seaweedfs
 
+pytest_plugins = ["harness.fixtures"]
+
 
 @pytest.fixture(scope="session")
 def seaweedfs() -> Iterator[SeaweedFS]:

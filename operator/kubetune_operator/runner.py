@@ -70,18 +70,24 @@ class Operator:
 
     def serve_metrics(self) -> None:
         if self.options.metrics_port is not None:
-            start_http_server(
+            self._metrics_server, _ = start_http_server(
                 self.options.metrics_port,
                 addr=self.options.metrics_address,
                 registry=self.metrics.registry,
             )
+
+    def stop_metrics(self) -> None:
+        server = getattr(self, "_metrics_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def _kwargs(self) -> dict[str, Any]:
         return {
             "registry": self.registry,
             "standalone": True,
             "clusterwide": not self.options.namespaces,
-            "namespaces": self.options.namespaces or None,
+            "namespaces": list(self.options.namespaces),
             "liveness_endpoint": self.options.liveness_endpoint,
         }
 
@@ -96,8 +102,8 @@ class Operator:
         self.serve_metrics()
         thread = OperatorThread(self)
         thread.start()
-        if not thread.ready.wait(30):
-            raise RuntimeError("the operator did not become ready in 30 s")
+        if not thread.ready.wait(30) or thread.error is not None:
+            raise RuntimeError("the operator did not start") from thread.error
         return thread
 
 
@@ -107,14 +113,21 @@ class OperatorThread(threading.Thread):
         self.operator = operator
         self.ready = threading.Event()
         self.stop_flag = threading.Event()
+        self.error: BaseException | None = None
 
     def run(self) -> None:
-        asyncio.run(
-            kopf.operator(
-                **self.operator._kwargs(), ready_flag=self.ready, stop_flag=self.stop_flag
+        try:
+            asyncio.run(
+                kopf.operator(
+                    **self.operator._kwargs(), ready_flag=self.ready, stop_flag=self.stop_flag
+                )
             )
-        )
+        except BaseException as error:
+            self.error = error
+            self.ready.set()  # wake start_in_thread, which re-raises
+            raise
 
     def stop(self, timeout: float = 30) -> None:
         self.stop_flag.set()
         self.join(timeout)
+        self.operator.stop_metrics()

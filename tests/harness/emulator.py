@@ -38,6 +38,7 @@ import datetime
 import secrets
 import string
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,20 @@ from .audit import AuditEntry, AuditLog, rbac_verb, user_of
 from .selectors import Selector, SelectorError, parse_field_selector, parse_label_selector
 
 Body = dict[str, Any]
+Response = kmock.Response  # type: ignore[attr-defined]  # exported, though not in __all__
 Key = tuple[kmock.resource, str | None, str]
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.io.yaml"
 NAMESPACE_SUBRESOURCES = {"status", "finalize"}
 PATH_HEADER = "X-Emulator-Path"  # the real path of a request whose URL kmock cannot parse
+FIXED_METADATA = (  # what no update can change
+    "name",
+    "namespace",
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+)
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
 
 
@@ -118,6 +128,15 @@ def _split_path(
     return kmock.resource(group, version, rest[0]), namespace, name, subresource
 
 
+def _action(method: str, *, named: bool, watch: bool) -> kmock.action | None:
+    """The kmock action of a resource request (PUT has none: it has a reaction of its own)."""
+    if method == "GET":
+        return kmock.action.WATCH if watch else kmock.action.FETCH if named else kmock.action.LIST
+    if method == "DELETE":
+        return kmock.action.DELETE if named else None  # deletecollection: not emulated
+    return {"POST": kmock.action.CREATE, "PATCH": kmock.action.UPDATE}.get(method)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Event:
     """One change of one object, numbered by the resourceVersion it produced."""
@@ -169,10 +188,12 @@ class Emulator(kmock.KubernetesEmulator):
     _revision: int = attrs.field(default=0, init=False)
     _history: list[_Event] = attrs.field(factory=list, init=False)
     _watches: set[_Watch] = attrs.field(factory=set, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # registers our _serve_* overrides as fallbacks
         self.fallback[kmock.method.PUT] << self._serve_replace
+        (self.fallback**1)[kmock.action.FETCH, kmock.subresource("log")] << self._serve_log
 
     # -- routing ----------------------------------------------------------------------
 
@@ -201,24 +222,14 @@ class Emulator(kmock.KubernetesEmulator):
         if parsed is None:
             return request  # discovery and other non-resource URLs
         resource, namespace, name, subresource = parsed
-        method, watch = request.method.value, request.params.get("watch") in ("true", "1")
-        action = {
-            "GET": kmock.action.WATCH
-            if watch
-            else kmock.action.FETCH
-            if name
-            else kmock.action.LIST,
-            "POST": kmock.action.CREATE,
-            "PATCH": kmock.action.UPDATE,
-            "DELETE": kmock.action.DELETE if name else None,
-        }.get(method)
+        watch = request.params.get("watch") in ("true", "1")
         return attrs.evolve(
             request,
             resource=resource,
             namespace=namespace,
             name=name,
             subresource=subresource,
-            action=action,
+            action=_action(request.method.value, named=name is not None, watch=watch),
         )
 
     def _audit_entry(self, request: kmock.Request) -> AuditEntry:
@@ -238,12 +249,12 @@ class Emulator(kmock.KubernetesEmulator):
         )
 
     async def _serve_version(self, request: kmock.Request) -> Any:
-        result = await super()._serve_version(request)
+        result: Any = await super()._serve_version(request)
         result["groupVersion"] = result["groupVersion"].lstrip("/")  # kmock says "/v1"
         return result
 
     async def _serve_api(self, request: kmock.Request) -> Any:
-        result = await super()._serve_api(request)
+        result: Any = await super()._serve_api(request)
         address = f"{request.url.host}:{request.url.port}"  # required by the kubernetes client
         result["serverAddressByClientCIDRs"] = [
             {"clientCIDR": "0.0.0.0/0", "serverAddress": address}
@@ -253,13 +264,13 @@ class Emulator(kmock.KubernetesEmulator):
     # -- the store --------------------------------------------------------------------
 
     def _info(self, request: kmock.Request) -> kmock.ResourceInfo:
-        if request.resource not in self.resources:
+        if request.resource is None or request.resource not in self.resources:
             raise _error(404, "NotFound", f"the server could not find {request.resource}")
         return self.resources[request.resource]
 
-    def _key(self, request: kmock.Request, name: str | None = None) -> Key:
+    def _key(self, request: kmock.Request) -> Key:
         assert request.resource is not None
-        return request.resource, request.namespace, name or request.name or ""
+        return request.resource, request.namespace, request.name or ""
 
     def _get(self, key: Key) -> Body | None:
         if key in self.objects and not self.objects[key].deleted:
@@ -312,10 +323,10 @@ class Emulator(kmock.KubernetesEmulator):
 
     # -- create -----------------------------------------------------------------------
 
-    def _serve_create(self, request: kmock.Request) -> kmock.Response:
+    async def _serve_create(self, request: kmock.Request) -> Any:
         info = self._info(request)
         if request.subresource:
-            raise _error(405, "MethodNotAllowed", f"POST to {request.subresource} is emulated not")
+            raise _error(405, "MethodNotAllowed", f"POST to {request.subresource} is not emulated")
         if not isinstance(request.data, dict):
             raise _error(400, "BadRequest", "the body must be a JSON object")
         obj = copy.deepcopy(request.data)
@@ -339,7 +350,7 @@ class Emulator(kmock.KubernetesEmulator):
         obj.setdefault("apiVersion", self._api_version(key[0]))
         obj.setdefault("kind", info.kind)
         self._normalize(key, obj)
-        return kmock.Response(status=201, payload=self._commit(key, "ADDED", obj, None))
+        return Response(status=201, payload=self._commit(key, "ADDED", obj, None))
 
     def _namespace_for(
         self, info: kmock.ResourceInfo, request: kmock.Request, meta: Body
@@ -359,18 +370,22 @@ class Emulator(kmock.KubernetesEmulator):
 
     # -- read -------------------------------------------------------------------------
 
-    def _serve_fetch(self, request: kmock.Request) -> Any:
-        info, key, obj = self._existing(request)
-        if request.subresource == "log" and key[0] == kmock.resource("v1/pods"):
-            return self._pod_log(key, request.params.get("tailLines"))
+    async def _serve_fetch(self, request: kmock.Request) -> Any:
+        info, _, obj = self._existing(request)
         if request.subresource not in (None, *({"status"} & info.subresources)):
             raise _error(404, "NotFound", f"subresource {request.subresource} is not emulated")
         return obj
 
-    def _pod_log(self, key: Key, tail: str | None) -> bytes:
+    async def _serve_log(self, request: kmock.Request) -> Any:
+        """``pods/log``: the text that ``pod_log_source(namespace, name)`` gives."""
+        _, key, _ = self._existing(request)
+        if key[0] != kmock.resource("v1/pods"):
+            raise _error(404, "NotFound", "only pods have logs")
         text = (self.pod_log_source(key[1] or "", key[2]) if self.pod_log_source else None) or ""
         lines = text.splitlines(keepends=True)
-        return "".join(lines[-int(tail) :] if tail else lines).encode()
+        tail = request.params.get("tailLines")
+        body = "".join(lines[-int(tail) :] if tail else lines).encode()
+        return Response(headers={"Content-Type": "text/plain"}, payload=body)
 
     def _selectors(self, request: kmock.Request) -> tuple[Selector, Selector]:
         try:
@@ -381,29 +396,34 @@ class Emulator(kmock.KubernetesEmulator):
         except SelectorError as exc:
             raise _error(400, "BadRequest", str(exc)) from exc
 
-    def _serve_list(self, request: kmock.Request) -> Body:
+    async def _serve_list(self, request: kmock.Request) -> Any:
         info = self._info(request)
         labels, fields = self._selectors(request)
-        view = _Watch(request.resource, request.namespace, None, labels, fields)  # type: ignore[arg-type]
+        assert request.resource is not None
+        view = _Watch(request.resource, request.namespace, None, labels, fields)  # for .sees()
         return {
-            "apiVersion": self._api_version(request.resource),  # type: ignore[arg-type]
+            "apiVersion": self._api_version(request.resource),
             "kind": f"{info.kind}List",
-            "metadata": {"resourceVersion": str(self._revision)},
-            "items": [obj for obj in self._live(view.resource) if view.sees(obj)],
+            "metadata": {"resourceVersion": str(self._revision)},  # limit/continue: ignored
+            "items": [obj for obj in self._live(request.resource) if view.sees(obj)],
         }
 
     # -- watch ------------------------------------------------------------------------
 
-    def _serve_watch(self, request: kmock.Request) -> kmock.Response:
+    def _serve_watch(self, request: kmock.Request) -> Any:  # sync: registers at once
         info = self._info(request)
         labels, fields = self._selectors(request)
         assert request.resource is not None
         watch = _Watch(request.resource, request.namespace, request.name, labels, fields)
         since = request.params.get("resourceVersion") or "0"
+        if not since.isdigit():
+            raise _error(400, "BadRequest", f"invalid resourceVersion {since!r}")
         initial = request.params.get("sendInitialEvents") == "true" or since == "0"
-        # No await from here until the watch is registered: nothing can slip in between.
+        # No await from here until the watch is registered: no change can slip in between.
         if initial:
-            backlog = [{"type": "ADDED", "object": o} for o in self._live(watch.resource)]
+            backlog: list[Body] = [
+                {"type": "ADDED", "object": o} for o in self._live(watch.resource)
+            ]
             backlog = [event for event in backlog if watch.sees(event["object"])]
         else:
             events = (e for e in self._history if e.revision > int(since))
@@ -413,10 +433,12 @@ class Emulator(kmock.KubernetesEmulator):
         if request.params.get("sendInitialEvents") == "true":
             backlog.append(self._bookmark(info, watch.resource, initial_end=True))
         self._watches.add(watch)
+        if self._closing:
+            watch.queue.put_nowait(None)  # the server is stopping: end after the backlog
         bookmarks = request.params.get("allowWatchBookmarks") == "true"
         timeout = float(request.params.get("timeoutSeconds") or 0) or None
         stream = self._stream(watch, info, backlog, bookmarks=bookmarks, timeout=timeout)
-        return kmock.Response(headers={"Content-Type": "application/json"}, payload=stream)
+        return Response(headers={"Content-Type": "application/json"}, payload=stream)
 
     def _bookmark(
         self, info: kmock.ResourceInfo, resource: kmock.resource, initial_end: bool = False
@@ -462,14 +484,20 @@ class Emulator(kmock.KubernetesEmulator):
         finally:
             self._watches.discard(watch)
 
+    @property
+    def watch_count(self) -> int:
+        """How many watch streams are open (a test can wait for its watch to be live)."""
+        return len(self._watches)
+
     def close_watches(self) -> None:
         """End all open watch streams (before the server stops, so it does not wait)."""
+        self._closing = True
         for watch in list(self._watches):
             watch.queue.put_nowait(None)
 
     # -- update -----------------------------------------------------------------------
 
-    def _serve_update(self, request: kmock.Request) -> Body:
+    async def _serve_update(self, request: kmock.Request) -> Any:
         info, key, old = self._existing(request)
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         if content_type == "application/json-patch+json":
@@ -486,7 +514,7 @@ class Emulator(kmock.KubernetesEmulator):
             raise _error(400, "BadRequest", "the patch must be a JSON object or a JSON patch")
         return self._write(info, key, old, new, request.subresource)
 
-    def _serve_replace(self, request: kmock.Request) -> Body:
+    async def _serve_replace(self, request: kmock.Request) -> Any:
         info, key, old = self._existing(request)
         if not isinstance(request.data, dict):
             raise _error(400, "BadRequest", "the body must be a JSON object")
@@ -519,7 +547,7 @@ class Emulator(kmock.KubernetesEmulator):
                 **({"status": old["status"]} if "status" in old else {}),
             }
         meta = new["metadata"] = dict(new.get("metadata") or {})
-        for field in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp"):
+        for field in FIXED_METADATA:
             if field in old["metadata"]:
                 meta[field] = old["metadata"][field]
             else:
@@ -537,7 +565,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     # -- delete -----------------------------------------------------------------------
 
-    def _serve_delete(self, request: kmock.Request) -> Body:
+    async def _serve_delete(self, request: kmock.Request) -> Any:
         _, key, obj = self._existing(request)
         if request.subresource:
             raise _error(405, "MethodNotAllowed", "DELETE on a subresource")
@@ -596,7 +624,9 @@ def _crd_resource(path: Path) -> tuple[str, kmock.ResourceInfo]:
 def make_emulator(*, namespaces: tuple[str, ...] = ("default",), **kwargs: Any) -> Emulator:
     """An emulator with the built-in kinds, the FineTuneJob CRD and the given namespaces."""
     emulator = Emulator(**kwargs)
-    emulator.resources.load_bundled()
+    with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        emulator.resources.load_bundled()
     key, info = _crd_resource(CRD_PATH)
     emulator.resources[key] = info
     namespace_resource = kmock.resource("v1/namespaces")

@@ -3,13 +3,15 @@
 :class:`Kubelet` watches pods through the real HTTP API (optionally only one namespace
 or those matching a label selector) and, for every new pod, in a thread of its own:
 
-1. writes ``status.phase: Pending`` with a pod IP of its own, ``127.0.0.N`` (N = 2, 3, …,
-   distinct among the running pods; Linux routes all of 127/8 to the loopback);
+1. writes ``status.phase: Pending`` with a pod IP of its own, ``127.0.0.N`` (N = 2, 3, …
+   in order, wrapping after 254 and skipping running pods; Linux routes all of 127/8 to
+   the loopback);
 2. starts the first container's ``command`` + ``args`` (or the ``images`` entrypoint for
    its image) with the container's env: plain values, ``fieldRef`` (``status.podIP``,
    ``metadata.name``/``namespace``/``uid``/``labels['…']``, ``spec.nodeName``),
    ``secretKeyRef``/``configMapKeyRef`` and ``envFrom`` (read from the API: the kubelet may
-   read Secrets, the operator must not), ``$(VAR)`` expansion, plus ``PATH`` (with this
+   read Secrets, the operator must not; while one is missing the pod waits with
+   ``CreateContainerConfigError``), ``$(VAR)`` expansion, plus ``PATH`` (with this
    interpreter's directory first, so ``python -m …`` finds the venv), ``HOME``,
    ``PYTHONPATH`` of the test process and ``PYTHONUNBUFFERED=1``;
 3. writes ``phase: Running`` with ``containerStatuses[0].state.running``;
@@ -29,10 +31,10 @@ directory is the pod's directory.
 
 A deleted pod (``deletionTimestamp`` or gone) gets SIGTERM, then SIGKILL after
 ``terminationGracePeriodSeconds`` (default 30; ``max_grace_period`` caps it for tests).
-``spec.activeDeadlineSeconds`` (from ``startTime``) is enforced the same way, and the pod
-ends ``Failed`` with ``reason: DeadlineExceeded``. Each pod's stdout and stderr go to one
-log file: :meth:`Kubelet.logs`, :meth:`Kubelet.dump_logs`, and ``pods/log`` when wired to
-the emulator (``emulator.pod_log_source = kubelet.read_log``).
+``spec.activeDeadlineSeconds`` (counted from the process start) is enforced the same
+way, and the pod ends ``Failed`` with ``reason: DeadlineExceeded``. Each pod's stdout and
+stderr go to one log file: :meth:`Kubelet.logs`, :meth:`Kubelet.dump_logs`, and
+``pods/log`` when wired to the emulator (``emulator.pod_log_source = kubelet.read_log``).
 """
 
 from __future__ import annotations
@@ -54,8 +56,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import requests
-
 from .client import Body, KubeClient, KubeError
 from .server import KUBELET_USER
 
@@ -63,6 +63,7 @@ TERMINATION_MESSAGE_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MESSAGE_LIMIT = 4096  # bytes of a termination message, as in Kubernetes
 FALLBACK_LOG_LINES = 80
+CONFIG_RETRY_SECONDS = 1.0
 HOST_IP = "127.0.0.1"
 NODE_NAME = "harness-node"
 INHERITED_ENV = ("PATH", "HOME", "PYTHONPATH")
@@ -137,6 +138,7 @@ class Kubelet:
         self.images = dict(images or {})
         self.poll_interval = poll_interval
         self._runs: dict[str, PodRun] = {}  # by uid
+        self._next_ip = 2
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._stop_grace = 2.0
@@ -163,9 +165,9 @@ class Kubelet:
         for run in self.runs():
             if run.thread is not None:
                 run.thread.join(grace + 5)
+        self.client.close()  # aborts the watch
         if self._thread is not None:
             self._thread.join(5)
-        self.client.close()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -241,12 +243,10 @@ class Kubelet:
             if version:
                 params["resourceVersion"] = version
             try:
-                for event in self.client.watch(path, timeout=1, **params):
-                    self._watching.set()
+                for event in self.client.watch(path, params, on_open=self._watching.set):
                     version = event["object"]["metadata"].get("resourceVersion", version)
                     self._on_event(event["type"], event["object"])
-                self._watching.set()
-            except (requests.RequestException, KubeError):
+            except Exception:  # also what a watch aborted by stop() raises
                 if not self._stopping.is_set():
                     traceback.print_exc()
                     time.sleep(0.2)
@@ -276,10 +276,15 @@ class Kubelet:
         run.thread.start()
 
     def _free_ip(self) -> str:
-        """The lowest 127.0.0.N (N >= 2) not held by an unfinished pod (lock held)."""
+        """The next 127.0.0.N (N = 2, 3, …, 254, then 2 again) no unfinished pod holds.
+
+        Called with the lock held.
+        """
         taken = {run.ip for run in self._runs.values() if not run.finished.is_set()}
-        for n in range(2, 255):
-            if (ip := f"127.0.0.{n}") not in taken:
+        for _ in range(253):
+            ip = f"127.0.0.{self._next_ip}"
+            self._next_ip = self._next_ip + 1 if self._next_ip < 254 else 2
+            if ip not in taken:
                 return ip
         raise RuntimeError("no free pod IP left in 127.0.0.2-254")
 
@@ -297,23 +302,38 @@ class Kubelet:
                 startTime=started,
                 conditions=[{"type": "PodScheduled", "status": "True"}],
             )
-            try:
-                argv, env = self._prepare(run, pod)
-            except ContainerConfigError as exc:
-                waiting = {"waiting": {"reason": exc.reason, "message": exc.message}}
-                self._write_status(run, containerStatuses=[self._container_status(pod, waiting)])
-                return
-            run.process = self._spawn(run, argv, env)
-            running = {"running": {"startedAt": _now()}}
+            prepared = self._prepare_until_ready(run, pod)
+            if prepared is None:
+                return  # deleted while waiting
+            run.process = self._spawn(run, *prepared)
+            running = {"running": {"startedAt": (container_started := _now())}}
             self._write_status(
                 run, phase="Running", containerStatuses=[self._container_status(pod, running)]
             )
             deadline_exceeded = self._supervise(run, pod, started_at=time.monotonic())
-            self._report_exit(run, pod, deadline_exceeded)
+            self._report_exit(run, pod, deadline_exceeded, container_started)
         except Exception:
             traceback.print_exc()
         finally:
             run.finished.set()
+
+    def _prepare_until_ready(
+        self, run: PodRun, pod: Body
+    ) -> tuple[list[str], dict[str, str]] | None:
+        """The command and env; while they cannot be made (a Secret is missing), the pod
+        waits with the reason in its container status, retried every second until deleted."""
+        reported = None
+        while not run.deleted.is_set():
+            try:
+                return self._prepare(run, pod)
+            except ContainerConfigError as exc:
+                if exc.message != reported:
+                    waiting = {"waiting": {"reason": exc.reason, "message": exc.message}}
+                    status = self._container_status(pod, waiting)
+                    self._write_status(run, containerStatuses=[status])
+                    reported = exc.message
+            run.deleted.wait(CONFIG_RETRY_SECONDS)
+        return None
 
     def _spawn(self, run: PodRun, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         with run.log_path.open("ab") as log:
@@ -367,7 +387,9 @@ class Kubelet:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
 
-    def _report_exit(self, run: PodRun, pod: Body, deadline_exceeded: bool) -> None:
+    def _report_exit(
+        self, run: PodRun, pod: Body, deadline_exceeded: bool, started_at: str
+    ) -> None:
         assert run.process is not None
         code = run.process.returncode
         run.exit_code = code if code >= 0 else 128 - code
@@ -375,6 +397,7 @@ class Kubelet:
             "exitCode": run.exit_code,
             "reason": "Completed" if run.exit_code == 0 else "Error",
             "message": self._termination_message(run, pod),
+            "startedAt": started_at,
             "finishedAt": _now(),
         }
         status: Body = {
@@ -474,7 +497,7 @@ class Kubelet:
         meta = pod["metadata"]
         if match := _LABEL_REF.match(path):
             return str((meta.get(match[1]) or {}).get(match[2], ""))
-        fields = {
+        fields: dict[str, str] = {
             "metadata.name": meta["name"],
             "metadata.namespace": meta["namespace"],
             "metadata.uid": meta["uid"],
@@ -525,6 +548,7 @@ class Kubelet:
         """The local directory standing for a volume; None to keep the path as it is."""
         if "hostPath" in volume:
             return None
+        local: Path
         if "persistentVolumeClaim" in volume:
             claim = volume["persistentVolumeClaim"]["claimName"]
             local = self.workdir / "claims" / pod["metadata"]["namespace"] / claim

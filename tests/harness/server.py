@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -119,6 +120,24 @@ class EmulatorServer:
         """The stored object (e.g. ``object("v1/pods", "default", "p")``), or None if absent."""
         key = (kmock.resource(resource), namespace, name)
         return self.call(lambda: self.emulator._get(key))
+
+    def wait_for(
+        self,
+        resource: str,
+        namespace: str | None,
+        name: str,
+        predicate: Callable[[dict[str, Any] | None], bool],
+        timeout: float = 15.0,
+    ) -> dict[str, Any] | None:
+        """Poll a stored object until ``predicate(obj)`` (obj is None while absent)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.object(resource, namespace, name)
+            if predicate(obj):
+                return obj
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{resource} {namespace}/{name} never matched; last: {obj}")
+            time.sleep(0.02)
 
     def kubeconfig(self, user: str = ADMIN_USER, namespace: str = "default") -> dict[str, Any]:
         """A kubeconfig dict for this server; the user's name is its bearer token."""
