@@ -141,3 +141,24 @@ def test_jobs_in_two_namespaces_stay_apart(cluster: Cluster) -> None:
     for entry in operator_calls:
         if entry.namespace in ("team-a", "team-b") and entry.name:
             assert entry.name.startswith("job"), entry
+
+
+def test_suspend_stops_the_trainer_and_resume_continues_from_checkpoint(
+    cluster: Cluster,
+) -> None:
+    cluster.apply(cluster.tiny_job("pausing", training={"maxSteps": 80}))
+    cluster.wait("pausing", lambda j: _step(j) >= 6, "a checkpoint")
+    cluster.patch_spec("pausing", {"suspend": True})
+    suspended = cluster.wait_state("pausing", "Suspended", timeout=30)
+    assert condition(suspended, "Suspended")["status"] == "True"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and cluster.pods("pausing"):
+        time.sleep(0.1)
+    assert cluster.pods("pausing") == [], "the trainer pod was not stopped"
+
+    cluster.patch_spec("pausing", {"suspend": False})
+    done = cluster.wait_state("pausing", "Succeeded", timeout=240)
+    assert done["status"]["attempts"] == 2
+    assert condition(done, "Suspended")["status"] == "False"
+    manifest = json.loads(cluster.store.get_bytes("jobs/default/pausing/adapter/manifest.json"))
+    assert manifest["resumed_from_step"] >= 6

@@ -1,0 +1,45 @@
+"""Operator and trainer metrics follow Prometheus conventions (`promtool check metrics`)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_trainer.progress import MetricsExporter, ProgressState
+
+pytestmark = pytest.mark.integration
+
+
+def _promtool_check(exposition: bytes) -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: .ci/run installs Debian's prometheus package")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, check=False
+    )
+    return (result.stdout + result.stderr).decode()
+
+
+def test_operator_metrics_pass_promtool() -> None:
+    metrics = OperatorMetrics()
+    metrics.observe_state("ns", "job", "Running")
+    metrics.observe_status(
+        "ns", "job", {"progress": {"step": 1, "totalSteps": 4}, "metrics": {"trainLoss": 2.0}}
+    )
+    metrics.api_errors.labels("create_pod").inc()
+    with metrics.reconcile_seconds.time():
+        pass
+    exposition = generate_latest(metrics.registry)
+    assert b"kubetune_reconcile_duration_seconds_bucket" in exposition
+    assert _promtool_check(exposition) == ""
+
+
+def test_trainer_metrics_pass_promtool() -> None:
+    state = ProgressState(step=3, total_steps=10, train_loss=1.5, tokens_per_second=900.0)
+    exposition = MetricsExporter(state).render()
+    assert b"kubetune_trainer_step 3.0" in exposition
+    assert _promtool_check(exposition) == ""
