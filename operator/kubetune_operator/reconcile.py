@@ -276,7 +276,7 @@ def reconcile(
             b.condition(c.ACCEPTED, False, "InvalidSpec", message)
             b.state("Invalid", "InvalidSpec", message, warning=True)
             return b.finish()
-        return _start_attempt(b, current, attempts + 1, image, spec_json(current))
+        return _start_attempt(b, attempts + 1, image, spec_json(current))
 
     if latest.phase == "Succeeded":
         return _succeed(b, latest)
@@ -330,12 +330,10 @@ def _pending_reason(pod: PodView) -> tuple[str, str]:
     return "Pending", f"attempt {pod.attempt} is waiting to start"
 
 
-def _start_attempt(
-    b: _Builder, job: FineTuneJob, attempt: int, image: str, started_spec: str
-) -> Decision:
-    """Create the pod for ``attempt`` of ``job`` (run with ``started_spec``)."""
+def _start_attempt(b: _Builder, attempt: int, image: str, started_spec: str) -> Decision:
+    """Create the pod for ``attempt``, which runs with ``started_spec``."""
     run_job = _job_from(b.identity, json.loads(started_spec))
-    deadline = job.spec.activeDeadlineSeconds
+    deadline = run_job.spec.activeDeadlineSeconds
     elapsed = _elapsed(b.old.get("startTime"), b.now) or 0.0
     pod = trainer_pod(
         run_job,
@@ -380,8 +378,7 @@ def _retry_or_fail(
     spec_text = started or (spec_json(current) if current is not None else None)
     if spec_text is None:
         return _fail(b, [], "InvalidSpec", "cannot retry: the spec is no longer valid")
-    job = _job_from(b.identity, json.loads(spec_text))
-    decision = _start_attempt(b, job, attempts + 1, image, spec_text)
+    decision = _start_attempt(b, attempts + 1, image, spec_text)
     checkpoint = (b.old.get("lastCheckpoint") or {}).get("step")
     resume = f", resuming from checkpoint step {checkpoint}" if checkpoint else ""
     message = (

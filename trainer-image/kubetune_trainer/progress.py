@@ -42,6 +42,7 @@ class ProgressState:
     last_checkpoint_step: int | None = None
     last_checkpoint_uri: str | None = None
     started_at: float = field(default_factory=time.time)
+    started_step: int = 0  # the step training (re)started at: a resumed run starts late
     message: str = ""
 
     @property
@@ -49,10 +50,11 @@ class ProgressState:
         return int(100 * self.step / self.total_steps) if self.total_steps else 0
 
     def eta_seconds(self, now: float | None = None) -> int | None:
-        if not self.step or not self.total_steps:
+        done = self.step - self.started_step
+        if done <= 0 or not self.total_steps:
             return None
         elapsed = (now or time.time()) - self.started_at
-        return int(elapsed / self.step * (self.total_steps - self.step))
+        return int(elapsed / done * (self.total_steps - self.step))
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)

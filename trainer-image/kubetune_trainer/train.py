@@ -75,7 +75,8 @@ def _callbacks(
             state.total_steps = tstate.max_steps
             state.step = tstate.global_step
             self.started = time.time()
-            state.started_at = self.started - 0.0
+            state.started_at = self.started  # the ETA counts this run's steps only
+            state.started_step = tstate.global_step
             self.tokens_at_start = token_counter.non_pad
             if progress_bar:
                 from tqdm.auto import tqdm
