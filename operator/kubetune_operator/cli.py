@@ -2,6 +2,7 @@
 
     kubetune crd                      print the FineTuneJob CRD (generated from the API models)
     kubetune validate -f job.yaml     check manifests exactly as the operator will
+    kubetune docs                     print the field reference (docs/reference.md)
     kubetune tiny-model DIR           build a tiny offline model, tokenizer and dataset
     kubetune train -f job.yaml        run a FineTuneJob locally, no cluster needed
     kubetune operator                 run the operator (in the cluster, or against a kubeconfig)
@@ -50,6 +51,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_docs(args: argparse.Namespace) -> int:
+    from .docs import field_reference_markdown
+
+    sys.stdout.write(field_reference_markdown())
+    return 0
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from kubetune_trainer.tiny import build_tiny_model, generate_instruction_dataset
 
@@ -96,6 +104,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             image=args.image,
             progress_interval_seconds=args.progress_interval,
             resync_interval_seconds=args.resync_interval,
+            progress_port=args.trainer_progress_port,
         ),
         kubeconfig=args.kubeconfig,
         namespaces=args.namespace or [],
@@ -125,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(run=_cmd_validate)
 
+    docs = commands.add_parser("docs", help="print the FineTuneJob field reference (Markdown)")
+    docs.set_defaults(run=_cmd_docs)
+
     tiny = commands.add_parser("tiny-model", help="build a tiny offline model for trying things")
     tiny.add_argument("directory", help="where to save the model and tokenizer")
     tiny.add_argument("--data", help="also write an instruction dataset into this directory")
@@ -140,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=_cmd_train)
 
-    from .workload import DEFAULT_IMAGE
+    from .workload import DEFAULT_IMAGE, PROGRESS_PORT
 
     operator = commands.add_parser("operator", help="run the FineTuneJob operator")
     operator.add_argument(
@@ -161,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     operator.add_argument(
         "--resync-interval", type=float, default=60.0, help="seconds between full reconciles"
+    )
+    operator.add_argument(
+        "--trainer-progress-port",
+        type=int,
+        default=PROGRESS_PORT,
+        help=f"port of the trainers' /progress endpoint (default {PROGRESS_PORT})",
     )
     operator.set_defaults(run=_cmd_operator)
     return parser

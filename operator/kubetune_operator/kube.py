@@ -2,7 +2,7 @@
 
 Every call here is one the chart's RBAC must grant (and nothing more): FineTuneJobs
 get/list/watch/patch (+ status and finalizers through kopf), pods
-create/get/list/watch/delete, events create. No Secrets, ever.
+create/list/watch/delete, events create. No Secrets, ever.
 """
 
 from __future__ import annotations
@@ -68,12 +68,17 @@ class KubeApi:
             raise
 
     def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self._call(
-            "patch_job_status",
-            lambda: self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status}
-            ),
-        )
+        """Merge-patch the status; a job deleted meanwhile is not an error."""
+        try:
+            self._call(
+                "patch_job_status",
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+                ),
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         pods = self._call(

@@ -288,7 +288,7 @@ def reconcile(
         return b.finish()
     reason, detail = _pending_reason(latest)
     b.condition(c.RUNNING, False, reason, detail)
-    b.state("Pending", reason, detail, warning=reason in ("Unschedulable", "ImagePullBackOff"))
+    b.state("Pending", reason, detail, warning=reason in _WARNING_REASONS)
     return b.finish()
 
 
@@ -317,6 +317,9 @@ def _elapsed(start: str | None, now: datetime) -> float | None:
     return (now - started).total_seconds()
 
 
+_WARNING_REASONS = ("Unschedulable", "ImagePullBackOff", "CreateContainerConfigError")
+
+
 def _pending_reason(pod: PodView) -> tuple[str, str]:
     if pod.unschedulable_message:
         return "Unschedulable", f"no node fits the trainer pod: {pod.unschedulable_message}"
@@ -324,6 +327,12 @@ def _pending_reason(pod: PodView) -> tuple[str, str]:
         return "ImagePullBackOff", (
             f"cannot pull the trainer image: {pod.waiting_message or pod.waiting_reason}; "
             "check spec.image and image pull secrets"
+        )
+    if pod.waiting_reason == "CreateContainerConfigError":
+        return pod.waiting_reason, (
+            f"{pod.waiting_message or 'the pod cannot be configured'}; create the Secret "
+            "named by spec.output.credentialsSecretRef or spec.model.tokenSecretRef in the "
+            "job's namespace"
         )
     if pod.waiting_reason:
         return pod.waiting_reason, pod.waiting_message or pod.waiting_reason

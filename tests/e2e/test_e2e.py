@@ -100,6 +100,7 @@ def test_killed_trainer_is_retried_and_resumes_from_checkpoint(cluster: Cluster)
 def test_deleting_a_running_job_stops_it_and_keeps_artifacts(cluster: Cluster) -> None:
     cluster.apply(cluster.tiny_job("doomed", training={"maxSteps": 400}))
     cluster.wait("doomed", lambda j: _step(j) >= 6, "a checkpoint")
+    cluster.wait_for_finalizer("doomed")
     cluster.delete("doomed")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (cluster.get("doomed") or cluster.pods("doomed")):

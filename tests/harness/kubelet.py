@@ -6,9 +6,10 @@ or those matching a label selector) and, for every new pod, in a thread of its o
 1. writes ``status.phase: Pending`` with a pod IP of its own, ``127.0.0.N`` (N = 2, 3, …
    in order, wrapping after 254 and skipping running pods; Linux routes all of 127/8 to
    the loopback);
-2. starts the first container's ``command`` + ``args`` (or the ``images`` entrypoint for
-   its image) with the container's env: plain values, ``fieldRef`` (``status.podIP``,
-   ``metadata.name``/``namespace``/``uid``/``labels['…']``, ``spec.nodeName``),
+2. starts the first container's ``command`` + ``args`` (or, for an image listed in
+   ``images``, that stand-in command instead) with the container's env: plain values,
+   ``fieldRef`` (``status.podIP``, ``metadata.name``/``namespace``/``uid``/``labels['…']``,
+   ``spec.nodeName``),
    ``secretKeyRef``/``configMapKeyRef`` and ``envFrom`` (read from the API: the kubelet may
    read Secrets, the operator must not; while one is missing the pod waits with
    ``CreateContainerConfigError``), ``$(VAR)`` expansion, plus ``PATH`` (with this
@@ -446,7 +447,9 @@ class Kubelet:
 
     def _prepare(self, run: PodRun, pod: Body) -> tuple[list[str], dict[str, str]]:
         container = pod["spec"]["containers"][0]
-        command = container.get("command") or self.images.get(container.get("image", ""))
+        # A stand-in image the kubelet was given replaces the container's command: it plays
+        # an image whose real contents a test does not need (e.g. a fake trainer).
+        command = self.images.get(container.get("image", "")) or container.get("command")
         if not command:
             raise ContainerConfigError(
                 "CreateContainerError", f"no command and no entrypoint for {container.get('image')}"

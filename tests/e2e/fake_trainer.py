@@ -1,0 +1,19 @@
+"""A stand-in trainer image for tests that exercise the operator, not the training:
+reports a result (or sleeps, to be deleted while running) and exits like the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["sleep"]:
+        time.sleep(120)
+    result = {
+        "artifact": {"uri": "s3://bucket/fake/adapter", "digest": "sha256:00", "sizeBytes": 1},
+        "metrics": {"train_loss": 1.0},
+    }
+    with open(os.environ["KUBETUNE_TERMINATION_MESSAGE_PATH"], "w") as handle:
+        json.dump(result, handle)

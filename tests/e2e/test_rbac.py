@@ -1,0 +1,69 @@
+"""The chart's RBAC grants exactly the API calls the operator makes: used-but-missing and
+granted-but-unused are both failures. The calls come from the emulator's audit log while
+the real operator handles an invalid job, a job that succeeds and a job deleted while it
+runs (a stand-in trainer image keeps this fast)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from chart_helpers import chart_rbac_rules
+from conftest import Cluster
+from harness import OPERATOR_USER, EmulatorServer, Kubelet
+
+pytestmark = pytest.mark.e2e
+
+FAKE_TRAINER = str(Path(__file__).with_name("fake_trainer.py"))
+
+
+def _expand(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {
+        (verb, group, resource)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def test_operator_uses_exactly_what_the_chart_grants(
+    kube: EmulatorServer, tmp_path: Path, seaweedfs
+) -> None:
+    images = {
+        "fake:ok": [sys.executable, FAKE_TRAINER],
+        "fake:sleep": [sys.executable, FAKE_TRAINER, "sleep"],
+    }
+    with Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images) as kubelet:
+        cluster = Cluster(kube, kubelet, seaweedfs, seaweedfs.create_bucket(), tmp_path)
+        cluster.create_storage_secret("default")
+        cluster.start_operator()
+        try:
+            cluster.apply(cluster.tiny_job("invalid", method={"type": "lora", "lora": {"r": 0}}))
+            cluster.wait_state("invalid", "Invalid", timeout=30)
+            cluster.apply(cluster.tiny_job("ok", image="fake:ok"))
+            cluster.wait_state("ok", "Succeeded", timeout=30)
+            cluster.apply(cluster.tiny_job("running", image="fake:sleep"))
+            cluster.wait_state("running", "Running", timeout=30)
+            cluster.wait_for_finalizer("running")
+            cluster.delete("running")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and cluster.get("running") is not None:
+                time.sleep(0.1)
+            assert cluster.get("running") is None
+        finally:
+            cluster.stop_operator()
+
+    audit = kube.emulator.audit
+    used = audit.permissions(OPERATOR_USER)
+    assert used, "the audit log recorded no operator calls"
+    for values in ({}, {"rbac": {"mode": "namespaced"}, "watchNamespaces": ["default"]}):
+        rules = chart_rbac_rules(values)
+        missing = {
+            (e.verb, e.group, e.rbac_resource) for e in audit.uncovered(rules, OPERATOR_USER)
+        }
+        assert not missing, f"used but not granted ({values}): {sorted(missing)}"
+        unused = _expand(rules) - used
+        assert not unused, f"granted but never used ({values}): {sorted(unused)}"
