@@ -289,3 +289,37 @@ def test_kubetune_train_runs_a_manifest_locally(
     out = capsys.readouterr().out
     assert f"file://{tmp_path / 'out' / 'adapter'}" in out
     assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()
+
+
+def test_early_stopping_ends_training_before_max_steps(
+    tiny_model: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(
+        tiny_model,
+        tiny_dataset,
+        str(tmp_path),
+        training={
+            "max_steps": 60,
+            "eval_every_steps": 2,
+            # an improvement of 100 nats is impossible: every evaluation after the first
+            # counts as "no improvement", so patience 2 stops at the third evaluation
+            "early_stopping": {"patience": 2, "min_delta": 100.0},
+        },
+    )
+    assert execute(config) == ExitCode.OK
+    manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 6
+
+
+def test_gradient_checkpointing_trains(
+    tiny_model: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(
+        tiny_model,
+        tiny_dataset,
+        str(tmp_path),
+        training={"max_steps": 6, "gradient_checkpointing": True},
+    )
+    assert execute(config) == ExitCode.OK
+    manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
+    assert manifest["metrics"]["train_loss"] < manifest["metrics"]["first_train_loss"]
