@@ -209,13 +209,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(table.to_pylist(), start=1)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
+def _sha256(path: Path) -> str:
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # --------------------------------------------------------------------------- formats
@@ -387,7 +383,7 @@ def load_files(
                 "path": str(path),
                 "name": path.name,
                 "split": split,
-                "sha256": file_sha256(path),
+                "sha256": _sha256(path),
                 "rows": len(rows),
                 "format": fmt,
             }
