@@ -449,7 +449,8 @@ class Kubelet:
         container = pod["spec"]["containers"][0]
         # A stand-in image the kubelet was given replaces the container's command: it plays
         # an image whose real contents a test does not need (e.g. a fake trainer).
-        command = self.images.get(container.get("image", "")) or container.get("command")
+        stand_in = self.images.get(container.get("image", ""))
+        command = stand_in or container.get("command")
         if not command:
             raise ContainerConfigError(
                 "CreateContainerError", f"no command and no entrypoint for {container.get('image')}"
@@ -465,9 +466,13 @@ class Kubelet:
             value = self._env_value(run, pod, entry)
             if value is not None:
                 env[entry["name"]] = rewrite(_VAR_REF.sub(lambda m: env.get(m[1], m[0]), value))
-        argv = [*command, *(container.get("args") or [])]
-        argv = [rewrite(_VAR_REF.sub(lambda m: env.get(m[1], m[0]), arg)) for arg in argv]
-        return argv, env
+        args = [
+            rewrite(_VAR_REF.sub(lambda m: env.get(m[1], m[0]), arg))
+            for arg in [*([] if stand_in else command), *(container.get("args") or [])]
+        ]
+        # A stand-in command is a host path (e.g. this venv's python, which may itself lie
+        # under /tmp): it is not rewritten as if it were inside the container's volumes.
+        return [*(stand_in or []), *args], env
 
     def _env_value(self, run: PodRun, pod: Body, entry: Body) -> str | None:
         if "valueFrom" not in entry:
