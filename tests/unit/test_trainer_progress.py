@@ -34,3 +34,11 @@ def test_termination_message_stays_under_the_kubelet_limit(tmp_path: Path) -> No
     written = path.read_text()
     assert len(written.encode()) <= TERMINATION_MESSAGE_LIMIT
     assert json.loads(written)["artifact"]["uri"] == "s3://b/a"  # details dropped, not the result
+
+
+def test_pack_capacity_keeps_about_batch_size_examples_per_sequence() -> None:
+    from kubetune_trainer.train import pack_capacity
+
+    assert pack_capacity([100, 120, 80], batch_size=4, max_seq_length=2048) == 400
+    assert pack_capacity([100, 900], batch_size=1, max_seq_length=2048) == 900  # longest fits
+    assert pack_capacity([100] * 10, batch_size=64, max_seq_length=2048) == 2048

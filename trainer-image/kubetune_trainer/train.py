@@ -156,6 +156,18 @@ def _callbacks(
 # --------------------------------------------------------------------------- the recipe
 
 
+def pack_capacity(lengths: list[int], batch_size: int, max_seq_length: int) -> int:
+    """Tokens per packed sequence, so that one packed sequence holds about ``batch_size``
+    examples: a packed step then sees as many examples, and the run as many optimizer
+    steps, as an unpacked one. Filling whole ``max_seq_length`` rows instead would put
+    far more examples in each step (fewer, larger steps: worse loss after one epoch) and
+    make attention cost grow with max_seq_length² for no gain."""
+    if not lengths:
+        return max_seq_length
+    mean = sum(lengths) / len(lengths)
+    return min(max_seq_length, max(max(lengths), math.ceil(batch_size * mean)))
+
+
 def _training_arguments(
     config: TrainerConfig, output_dir: Path, precision: str, has_eval: bool
 ) -> Any:
@@ -163,10 +175,12 @@ def _training_arguments(
 
     t = config.training
     eval_steps = t.eval_every_steps if has_eval and t.eval_every_steps else None
+    # Packed: one sequence per device step already holds about batch_size examples.
+    per_device = 1 if config.dataset.packing else t.batch_size
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
@@ -249,12 +263,13 @@ def run(
         prepared.validation, tokenizer, config.dataset.max_seq_length, allow_empty=True
     )
     if config.dataset.packing:
-        train_rows = packing.pack(
-            train_rows, config.dataset.max_seq_length, seed=config.training.seed
+        capacity = pack_capacity(
+            [len(row["input_ids"]) for row in train_rows],
+            config.training.batch_size,
+            config.dataset.max_seq_length,
         )
-        eval_rows = packing.pack(
-            eval_rows, config.dataset.max_seq_length, seed=config.training.seed
-        )
+        train_rows = packing.pack(train_rows, capacity, seed=config.training.seed)
+        eval_rows = packing.pack(eval_rows, capacity, seed=config.training.seed)
         eval_collator: Any = packing.PackedCollator(tokenizer.pad_token_id)
     else:
         eval_collator = packing.PaddingCollator(tokenizer.pad_token_id)
