@@ -64,13 +64,14 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 
 def _resources(job: FineTuneJob) -> dict[str, Any]:
     res = job.spec.resources
-    limits: dict[str, Any] = {}
+    # Quantities are strings in a Pod (the kubernetes client rejects ints there).
+    limits: dict[str, str] = {}
     if res.gpus:
-        limits[res.gpuResourceName] = res.gpus
+        limits[res.gpuResourceName] = str(res.gpus)
     if res.cpu is not None:
-        limits["cpu"] = res.cpu
+        limits["cpu"] = str(res.cpu)
     if res.memory is not None:
-        limits["memory"] = res.memory
+        limits["memory"] = str(res.memory)
     requests = {k: v for k, v in limits.items() if k in ("cpu", "memory")}
     return {"limits": limits, "requests": requests} if limits else {}
 

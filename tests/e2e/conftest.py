@@ -109,7 +109,7 @@ class Cluster:
                 "endpoint": self.s3.endpoint_url,
                 "credentialsSecretRef": {"name": "s3-credentials"},
             },
-            "resources": {"gpus": 0},
+            "resources": {"gpus": 1},  # the default; the local kubelet ignores limits
         }
         for key, value in spec.items():
             body[key] = {**body[key], **value} if isinstance(value, dict) else value

@@ -51,7 +51,11 @@ def test_placement_resources_and_identity_come_from_the_spec() -> None:
     pod = _pod()
     spec = pod["spec"]
     container = spec["containers"][0]
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1, "cpu": "8", "memory": "64Gi"}
+    assert container["resources"]["limits"] == {
+        "nvidia.com/gpu": "1",
+        "cpu": "8",
+        "memory": "64Gi",
+    }
     assert spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert spec["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -62,3 +66,11 @@ def test_placement_resources_and_identity_come_from_the_spec() -> None:
     assert pod["metadata"]["labels"]["kubetune.io/job"] == "llama3-8b-support-qlora"
     assert pod["metadata"]["ownerReferences"][0]["controller"] is True
     assert "hf_" not in json.dumps(pod)  # no secret values, only references
+
+
+def test_pod_is_accepted_by_the_kubernetes_client_models() -> None:
+    """The client validates request bodies: quantities must be strings, not ints."""
+    from kubernetes.client import ApiClient, V1Pod
+
+    pod = ApiClient()._ApiClient__deserialize(_pod(), V1Pod)
+    assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
