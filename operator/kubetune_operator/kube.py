@@ -32,6 +32,8 @@ def load_configuration(kubeconfig: str | None = None) -> client.Configuration:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             config.load_kube_config(client_configuration=configuration)
+    # kopf runs up to 16 handlers at once; the default pool of 10 discards connections.
+    configuration.connection_pool_maxsize = 32
     return configuration
 
 
