@@ -253,13 +253,24 @@ def spawn(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return json.loads((workdir / f"{kind}.json").read_text())
 
 
-def prepare_inputs(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
-    """The model and the JSONL file every run reads; the data's token lengths."""
+def prepare_inputs(args: argparse.Namespace, workdir: Path) -> list[int]:
+    """The model and the JSONL file every run reads; the train rows' token lengths."""
     tokenizer = common.save_model(workdir / "model", seed=args.seed)
     records = common.make_records(tokenizer, args.examples, seed=args.seed)
     common.write_jsonl(workdir / "train.jsonl", records)
     train, _ = prepared_rows(kubetune_config(workdir, workdir, []), tokenizer)
-    return common.length_stats([len(row["input_ids"]) for row in train])
+    return [len(row["input_ids"]) for row in train]
+
+
+def packing_note(config: Any, lengths: list[int]) -> str:
+    """How kubetune's recipe will pack these rows (when it says: train.pack_capacity)."""
+    from kubetune_trainer import train
+
+    if not config.dataset.packing or not hasattr(train, "pack_capacity"):
+        return ""
+    t = config.training
+    capacity = train.pack_capacity(lengths, t.batch_size, config.dataset.max_seq_length)
+    return f"; packed rows of ≤{capacity} tokens, one per device step"
 
 
 def main() -> None:
@@ -271,7 +282,8 @@ def main() -> None:
     scratch = None if args.keep else tempfile.TemporaryDirectory(prefix="kubetune-bench-")
     workdir = args.keep or Path(scratch.name)  # type: ignore[union-attr]
     workdir.mkdir(parents=True, exist_ok=True)
-    lengths = prepare_inputs(args, workdir)
+    train_lengths = prepare_inputs(args, workdir)
+    lengths = common.length_stats(train_lengths)
     config = kubetune_config(workdir, workdir, args.set)
     info = common.machine()
     t = config.training
@@ -288,7 +300,7 @@ def main() -> None:
         f"kubetune: packing={config.dataset.packing} "
         f"max_seq_length={config.dataset.max_seq_length} "
         f"batch_size={t.batch_size} grad_accum={t.gradient_accumulation_steps} "
-        f"lr={t.learning_rate} {t.scheduler}"
+        f"lr={t.learning_rate} {t.scheduler}{packing_note(config, train_lengths)}"
         + (f"  overrides: {' '.join(args.set)}" if args.set else "  (defaults)")
     )
     print(f"runs:     {args.reps} pairs, alternating, each in a fresh process\n")
