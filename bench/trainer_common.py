@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "trainer-image"))  # kubetune_trainer, without installing
 
-from kubetune_trainer.tiny import _CORPUS, _WORDS, build_tiny_tokenizer  # noqa: E402
+from kubetune_trainer.tiny import _CORPUS, _WORDS, build_tiny_tokenizer, random_llama  # noqa: E402
 
 # The benchmark model: a small Llama, about 4.2M parameters plus 0.26M embeddings.
 MODEL_SHAPE = {
@@ -61,23 +61,7 @@ def model_description() -> str:
 
 def build_model(tokenizer: Any, seed: int = 0) -> Any:
     """The benchmark model with random weights (the global RNG is left as it was)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **MODEL_SHAPE,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return random_llama(tokenizer, seed=seed, max_position_embeddings=4096, **MODEL_SHAPE)
 
 
 def save_model(directory: Path, seed: int = 0) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -99,35 +99,46 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
-    """Write a tiny Llama-style causal LM and its tokenizer to ``directory``.
+TINY_SHAPE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
 
-    Deterministic for a given ``seed`` and fast on CPU (a few seconds at most). The
-    global torch RNG state is left untouched.
-    """
+
+def random_llama(tokenizer: Any, *, seed: int = 0, **shape: int) -> Any:
+    """A Llama-style causal LM with random weights sized for ``tokenizer`` (the global
+    torch RNG state is left untouched)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer()
+    shape.setdefault("vocab_size", len(tokenizer))
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **shape,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
+    """Write a tiny Llama-style causal LM and its tokenizer to ``directory``.
+
+    Deterministic for a given ``seed`` and fast on CPU (a few seconds at most).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    model = random_llama(tokenizer, seed=seed, vocab_size=VOCAB_SIZE, **TINY_SHAPE)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
