@@ -17,6 +17,9 @@ Method = Literal["lora", "qlora", "dora", "full"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
+DistributedStrategy = Literal["auto", "ddp", "fsdp"]
+FsdpSharding = Literal["full", "hybrid"]
+ResolvedStrategy = Literal["single", "ddp", "fsdp"]
 
 
 class _Strict(BaseModel):
@@ -135,6 +138,43 @@ class ReportingConfig(_Strict):
     loss_plot: bool = True
 
 
+class FsdpConfig(_Strict):
+    """How FSDP shards a full fine-tune (ignored unless the strategy resolves to fsdp)."""
+
+    sharding: FsdpSharding = Field(
+        default="full",
+        description="full: shard across every rank; hybrid: shard within a node, "
+        "replicate across nodes",
+    )
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+
+
+class DistributedConfig(_Strict):
+    """How the ranks of a multi-process run share the work."""
+
+    strategy: DistributedStrategy = "auto"
+    fsdp: FsdpConfig = FsdpConfig()
+
+    def resolve(self, method: Method, world_size: int) -> ResolvedStrategy:
+        """The strategy a run of ``world_size`` processes uses.
+
+        One process is always "single"; "auto" shards full fine-tunes (FSDP: the whole
+        model and its optimizer state do not fit one device) and replicates adapters
+        (DDP: the frozen base plus small adapters fit, and DDP is simpler and faster).
+        """
+        if world_size <= 1:
+            return "single"
+        if self.strategy == "auto":
+            return "fsdp" if method == "full" else "ddp"
+        return self.strategy
+
+
+def global_batch_size(training: TrainingConfig, world_size: int) -> int:
+    """Examples per optimizer step across all ranks."""
+    return training.batch_size * training.gradient_accumulation_steps * max(world_size, 1)
+
+
 class TrainerConfig(_Strict):
     job_name: str = "local"
     job_namespace: str | None = None
@@ -144,6 +184,16 @@ class TrainerConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     output: OutputConfig
     reporting: ReportingConfig = ReportingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _no_qlora_under_fsdp(self) -> TrainerConfig:
+        if self.method.type == "qlora" and self.distributed.strategy == "fsdp":
+            raise ValueError(
+                "distributed.strategy fsdp cannot shard a 4-bit (qlora) base model; "
+                "use strategy ddp or auto (each rank holds its own 4-bit copy), or method lora"
+            )
+        return self
 
     @classmethod
     def from_json(cls, text: str) -> TrainerConfig:
