@@ -4,14 +4,22 @@ Both run the same recipe (train.run). The pod reads its configuration from
 ``$KUBETUNE_CONFIG`` (JSON) or the file named by ``$KUBETUNE_CONFIG_FILE``, serves
 progress on ``$POD_IP:$KUBETUNE_PROGRESS_PORT`` and writes its result to the termination
 message. Every failure ends with a message, a hint and a documented exit code.
+
+Several processes (``torchrun --module kubetune_trainer``, or ``launch_local``) each run
+this entry point. torchrun reports any failed worker as exit code 1, so the documented
+exit code travels in the termination message too (``error.exitCode``), written by the
+first process of the pod that fails; rank 0 alone writes a success.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import TrainerConfig
+from .distributed import World
 from .errors import ConfigInvalid, ExitCode, Preempted, TrainerError
 from .progress import ProgressServer, ProgressState, write_termination_message
 
@@ -47,13 +56,14 @@ def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
     """Run one attempt of a job; returns the exit code. Never raises for expected failures."""
     from . import train
 
-    state = ProgressState()
+    world = World.from_env()
+    state = ProgressState(world_size=world.size)
     stop = threading.Event()
     _install_sigterm(stop, state)
     reporting = config.reporting
     server = (
         ProgressServer(state, reporting.progress_port)
-        if reporting.progress_port is not None
+        if reporting.progress_port is not None and world.is_main
         else contextlib.nullcontext()
     )
     started = time.time()
@@ -82,15 +92,35 @@ def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
                 },
                 "lastCheckpoint": state.last_checkpoint_uri,
             }
-            print(f"✗ {code.reason}: {error}", file=sys.stderr)
+            prefix = f"[rank {world.rank}] " if world.distributed else ""
+            print(f"{prefix}✗ {code.reason}: {error}", file=sys.stderr)
         else:
             code = ExitCode.OK
             result = outcome.as_termination_message()
-            _print_summary(outcome, time.time() - started)
+            if world.is_main:
+                _print_summary(outcome, time.time() - started, state)
         termination_path = os.environ.get(TERMINATION_MESSAGE_ENV)
-        if termination_path:
-            write_termination_message(termination_path, result)
+        if termination_path and (code != ExitCode.OK or world.is_main):
+            record_result(termination_path, result)
     return int(code)
+
+
+def record_result(path: str | Path, result: dict[str, Any]) -> bool:
+    """Write this process's result as the pod's termination message, unless another
+    process of the pod (a local rank) already wrote an error: the first failure is the
+    cause, the others' are its echoes. Returns whether it wrote."""
+    target = Path(path)
+    target.touch(exist_ok=True)  # the kubelet creates it in a pod; tests may not
+    with target.open("r+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # local ranks may fail at the same moment
+        try:
+            existing = json.loads(handle.read() or "{}")
+        except ValueError:
+            existing = {}
+        if isinstance(existing, dict) and "error" in existing:
+            return False
+        write_termination_message(target, result)
+        return True
 
 
 def _internal(error: BaseException) -> TrainerError:
@@ -102,13 +132,18 @@ def _internal(error: BaseException) -> TrainerError:
     )
 
 
-def _print_summary(outcome: Any, seconds: float) -> None:
+def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = None) -> None:
     metrics = outcome.metrics
     lines = [
         f"✓ fine-tuned in {seconds:.0f}s ({int(metrics.get('steps', 0))} steps"
         + (f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else "")
         + ")",
     ]
+    if state is not None:
+        lines.append(
+            f"  processes    {state.world_size} ({state.strategy}), "
+            f"global batch {state.global_batch_size} examples"
+        )
     stats = outcome.stats
     if "train_examples" in stats:
         lines.append(
@@ -140,6 +175,51 @@ def run_local(config: TrainerConfig) -> int:
     return execute(config)
 
 
+def launch_local(config: TrainerConfig, nproc: int) -> int:
+    """``kubetune train`` with several processes on this machine: torchrun --standalone.
+
+    Each process gets ``cpu_count // nproc`` threads (unless OMP_NUM_THREADS is set), so
+    that processes do not fight over cores. Returns the trainer's documented exit code
+    (from the termination message: torchrun itself exits 1 for any failure)."""
+    if nproc <= 1:
+        return run_local(config)
+    print(
+        f"kubetune: training {config.job_name} ({config.method.type}) with {nproc} processes "
+        f"→ {config.output.uri}"
+    )
+    with tempfile.TemporaryDirectory(prefix="kubetune-launch-") as scratch:
+        config_file = Path(scratch) / "config.json"
+        config_file.write_text(config.model_dump_json(), encoding="utf-8")
+        termination = Path(scratch) / "termination-log"
+        threads = str(max(1, (os.cpu_count() or 1) // nproc))
+        env = {
+            **os.environ,
+            "KUBETUNE_CONFIG_FILE": str(config_file),
+            TERMINATION_MESSAGE_ENV: str(termination),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
+            "KUBETUNE_LOG_LEVEL": os.environ.get("KUBETUNE_LOG_LEVEL", "WARNING"),
+        }
+        env.pop("KUBETUNE_CONFIG", None)
+        command = [sys.executable, "-m", "torch.distributed.run"]
+        command += ["--standalone", "--nproc-per-node", str(nproc)]
+        command += ["--module", "kubetune_trainer"]
+        code = subprocess.run(command, env=env, check=False).returncode
+        return exit_code_of(code, termination)
+
+
+def exit_code_of(launcher_code: int, termination_message: Path) -> int:
+    """The documented exit code of a torchrun-launched attempt: the termination
+    message's ``error.exitCode`` when there is one, else the launcher's own code."""
+    try:
+        message = json.loads(termination_message.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return launcher_code
+    error = message.get("error") if isinstance(message, dict) else None
+    if launcher_code != 0 and isinstance(error, dict) and isinstance(error.get("exitCode"), int):
+        return int(error["exitCode"])
+    return launcher_code
+
+
 def _load_pod_config() -> TrainerConfig:
     text = os.environ.get("KUBETUNE_CONFIG")
     path = os.environ.get("KUBETUNE_CONFIG_FILE")
@@ -158,15 +238,18 @@ def _load_pod_config() -> TrainerConfig:
 
 def main() -> int:
     """The pod's entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     try:
         config = _load_pod_config()
     except ConfigInvalid as error:
         print(f"✗ {error.exit_code.reason}: {error}", file=sys.stderr)
         termination = os.environ.get(TERMINATION_MESSAGE_ENV)
         if termination:
-            write_termination_message(
-                termination, {"error": {"reason": error.exit_code.reason, "message": str(error)}}
+            code = error.exit_code
+            record_result(
+                termination,
+                {"error": {"reason": code.reason, "message": str(error), "exitCode": int(code)}},
             )
         return int(error.exit_code)
     return execute(config)

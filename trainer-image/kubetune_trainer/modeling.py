@@ -107,9 +107,19 @@ def resolve_precision(precision: str) -> str:
 
 
 def build_model(
-    model_dir: Path, method: MethodConfig, *, gradient_checkpointing: bool, precision: str
+    model_dir: Path,
+    method: MethodConfig,
+    *,
+    gradient_checkpointing: bool,
+    precision: str,
+    on_device: bool = True,
 ) -> Any:
-    """Load the base model and make it trainable per ``method``."""
+    """Load the base model and make it trainable per ``method``.
+
+    On CUDA the model is loaded onto this process's own GPU (under torchrun, the one its
+    LOCAL_RANK names: distributed.init made it the current device), so each DDP rank
+    holds its own (for qlora: 4-bit) copy. ``on_device=False`` loads on the CPU instead
+    (FSDP shards first, then moves each rank's shard to its device)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -122,7 +132,7 @@ def build_model(
             # CPU kernels of bitsandbytes run float32 compute; bf16 works but is slow.
             kwargs["quantization_config"].bnb_4bit_compute_dtype = torch.float32
             kwargs["dtype"] = torch.float32
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and on_device:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

@@ -44,6 +44,9 @@ class ProgressState:
     started_at: float = field(default_factory=time.time)
     started_step: int = 0  # the step training (re)started at: a resumed run starts late
     message: str = ""
+    world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
+    strategy: str = "single"  # single, ddp or fsdp
+    global_batch_size: int = 0  # examples per optimizer step across all processes
 
     @property
     def percent(self) -> int:
@@ -84,6 +87,11 @@ class MetricsExporter:
             "last_checkpoint_step": (
                 "kubetune_trainer_last_checkpoint_step",
                 "Step of the newest complete checkpoint",
+            ),
+            "world_size": ("kubetune_trainer_world_size", "Processes training together"),
+            "global_batch_size": (
+                "kubetune_trainer_global_batch_size",
+                "Examples per optimizer step across all processes",
             ),
         }
         self._gauges = {

@@ -10,10 +10,21 @@ token-count loss normalisation, schedulers, clipping, mixed precision, gradient
 checkpointing, checkpoint save/resume (optimizer, scheduler, RNG, data position) and
 evaluation. What is ours lives in the callbacks below: progress, checkpoint upload,
 early stopping and graceful preemption.
+
+Under torchrun the same recipe runs in every rank (see distributed.py). Every rank
+prepares the same data (same seeds) and packs it *before* the Trainer's sampler shards
+the packed sequences across ranks: the set of sequences, and so the number of optimizer
+steps at a given global batch, does not depend on the world size, and each sequence is
+trained on once per epoch by one rank. Rank 0 alone writes to the output store
+(checkpoints, artifact, manifest), serves progress and prints the summary; the others
+wait for it at the points where the run could otherwise end without it (after each
+checkpoint upload, before exiting).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import threading
 import time
@@ -21,12 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .artifact import PublishedArtifact, publish, write_manifest
-from .checkpoints import download_checkpoint, newest_complete, upload_checkpoint
-from .config import TrainerConfig
-from .errors import Preempted
+from .checkpoints import RemoteCheckpoint, download_checkpoint, newest_complete, upload_checkpoint
+from .config import ResolvedStrategy, TrainerConfig, global_batch_size
+from .distributed import World
+from .errors import Preempted, Unsupported
 from .progress import ProgressState
 from .storage import Store, fetch_to_local, open_store
+
+log = logging.getLogger("kubetune.trainer")
+
+# Written into every checkpoint: how the run that wrote it was laid out.
+LAYOUT_FILE = "kubetune.json"
 
 
 @dataclass
@@ -57,8 +75,11 @@ def _callbacks(
     state: ProgressState,
     store: Store,
     stop: threading.Event,
+    stopped: threading.Event,
     token_counter: Any,
     progress_bar: bool,
+    world: World,
+    layout: dict[str, Any],
 ) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -77,18 +98,27 @@ def _callbacks(
             self.started = time.time()
             state.started_at = self.started  # the ETA counts this run's steps only
             state.started_step = tstate.global_step
-            self.tokens_at_start = token_counter.non_pad
-            if progress_bar:
+            self.tokens_at_start = token_counter.non_pad * world.size  # 0, or an estimate
+            if progress_bar and world.is_main:
                 from tqdm.auto import tqdm
 
                 self.bar = tqdm(total=tstate.max_steps, initial=tstate.global_step, unit="step")
+
+        def world_tokens(self) -> tuple[bool, int]:
+            """(whether any rank was asked to stop, non-pad tokens trained by all ranks):
+            one small all_reduce a step, so that all ranks stop at the same step."""
+            flag, tokens = distributed.sum_across(
+                [float(stop.is_set()), float(token_counter.non_pad)]
+            )
+            return flag > 0, int(tokens)
 
         def on_step_end(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
             state.step = tstate.global_step
             state.epoch = float(tstate.epoch or 0.0)
             elapsed = max(time.time() - self.started, 1e-6)
-            state.trained_tokens = token_counter.non_pad
-            state.tokens_per_second = (token_counter.non_pad - self.tokens_at_start) / elapsed
+            stopping, tokens = self.world_tokens()
+            state.trained_tokens = tokens
+            state.tokens_per_second = (tokens - self.tokens_at_start) / elapsed
             state.padding_ratio = token_counter.padding_ratio
             if self.bar is not None:
                 self.bar.update(tstate.global_step - self.bar.n)
@@ -98,7 +128,8 @@ def _callbacks(
                 if state.eval_loss is not None:
                     postfix["eval"] = f"{state.eval_loss:.4f}"
                 self.bar.set_postfix(postfix, refresh=False)
-            if stop.is_set():
+            if stopping:  # the same decision on every rank
+                stopped.set()
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -116,13 +147,23 @@ def _callbacks(
                 self.bar.close()
 
     class UploadCheckpoints(TrainerCallback):  # type: ignore[misc]
-        """Copy each checkpoint the Trainer saves to the output store, marker last."""
+        """Copy each checkpoint the Trainer saves to the output store, marker last.
+
+        Rank 0 uploads (the Trainer gathered the model and optimizer state into its
+        checkpoint directory); the other ranks wait, so that no rank can exit (for
+        instance on preemption, which makes torchrun kill the rest) before the
+        checkpoint is complete."""
 
         def on_save(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
-            local = Path(args.output_dir) / f"checkpoint-{tstate.global_step}"
-            remote = upload_checkpoint(local, store, tstate.global_step)
-            state.last_checkpoint_step = remote.step
-            state.last_checkpoint_uri = remote.uri
+            remote: RemoteCheckpoint | None = None
+            if world.is_main:
+                local = Path(args.output_dir) / f"checkpoint-{tstate.global_step}"
+                (local / LAYOUT_FILE).write_text(json.dumps(layout), encoding="utf-8")
+                remote = upload_checkpoint(local, store, tstate.global_step)
+            remote = distributed.broadcast_from_main(remote)
+            if remote is not None:
+                state.last_checkpoint_step = remote.step
+                state.last_checkpoint_uri = remote.uri
 
     class EarlyStopping(TrainerCallback):  # type: ignore[misc]
         """Stop when eval loss has not improved by min_delta for `patience` evaluations."""
@@ -169,15 +210,21 @@ def pack_capacity(lengths: list[int], batch_size: int, max_seq_length: int) -> i
 
 
 def _training_arguments(
-    config: TrainerConfig, output_dir: Path, precision: str, has_eval: bool
+    config: TrainerConfig,
+    output_dir: Path,
+    precision: str,
+    has_eval: bool,
+    world: World | None = None,
+    strategy: ResolvedStrategy = "single",
 ) -> Any:
     from transformers import TrainingArguments
 
+    world = world or World()
     t = config.training
     eval_steps = t.eval_every_steps if has_eval and t.eval_every_steps else None
     # Packed: one sequence per device step already holds about batch_size examples.
     per_device = 1 if config.dataset.packing else t.batch_size
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
@@ -205,7 +252,42 @@ def _training_arguments(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not _cuda(),
+        ddp_backend=distributed.ddp_backend() if world.distributed else None,
+        ddp_timeout=distributed.COLLECTIVE_TIMEOUT_SECONDS,
+        # LoRA's frozen base has no gradients by design; a search for unused parameters
+        # would cost a graph traversal each step (and breaks gradient checkpointing).
+        ddp_find_unused_parameters=False,
+        **_fsdp_arguments(config, world) if strategy == "fsdp" else {},
     )
+    if not world.distributed and args.n_gpu > 1:
+        # One process seeing several GPUs would make the Trainer use nn.DataParallel;
+        # several GPUs are used through torchrun (one process each) or not at all.
+        args._n_gpu = 1
+    return args
+
+
+def _fsdp_arguments(config: TrainerConfig, world: World) -> dict[str, Any]:
+    """TrainingArguments for FSDP2 (torch's fully_shard, through accelerate)."""
+    fsdp = config.distributed.fsdp
+    fsdp_config: dict[str, Any] = {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's _no_split_modules
+        "state_dict_type": "FULL_STATE_DICT",  # checkpoints and artifact gathered on rank 0
+        "cpu_offload": fsdp.cpu_offload,
+        "activation_checkpointing": fsdp.activation_checkpointing,
+        "reshard_after_forward": True,
+        "cpu_ram_efficient_loading": False,
+    }
+    arguments: dict[str, Any] = {"fsdp": "full_shard", "fsdp_config": fsdp_config}
+    if fsdp.sharding == "hybrid" and world.nodes > 1:
+        # Shard within a node, replicate across nodes: a 2-D mesh.
+        from accelerate.parallelism_config import ParallelismConfig
+
+        arguments["parallelism_config"] = ParallelismConfig(
+            dp_replicate_size=world.nodes, dp_shard_size=world.local_size
+        )
+    # On one node, hybrid sharding is full sharding.
+    return arguments
 
 
 def _cuda() -> bool:
@@ -228,6 +310,23 @@ def run(
     from . import data as data_stage
     from . import packing
     from .modeling import build_model, resolve_model_dir, resolve_precision
+
+    world = World.from_env()
+    distributed.init(world)
+    strategy = config.distributed.resolve(config.method.type, world.size)
+    if strategy == "fsdp" and config.method.type == "qlora":
+        raise Unsupported(
+            "FSDP cannot shard a 4-bit (qlora) base model",
+            hint="set spec.distributed.strategy to ddp or auto, or use method lora",
+        )
+    state.world_size = world.size
+    state.strategy = strategy
+    state.global_batch_size = global_batch_size(config.training, world.size)
+    layout: dict[str, Any] = {
+        "world_size": world.size,
+        "strategy": strategy,
+        "global_batch_size": state.global_batch_size,
+    }
 
     set_seed(config.training.seed)
     endpoint = config.output.endpoint_url
@@ -282,27 +381,43 @@ def run(
         config.method,
         gradient_checkpointing=config.training.gradient_checkpointing,
         precision=precision,
+        on_device=strategy != "fsdp",  # FSDP moves each rank's shard to its device
     )
 
-    # Train, resuming from the newest complete checkpoint in the output store.
+    # Train, resuming from the newest complete checkpoint in the output store (the one
+    # rank 0 sees, so that all ranks resume from the same step).
     output_dir = work_dir / "trainer"
-    resume = newest_complete(store)
+    stopped = threading.Event()  # set when all ranks agreed to stop on a SIGTERM
+    resume = distributed.broadcast_from_main(newest_complete(store) if world.is_main else None)
     resume_path = download_checkpoint(store, resume, output_dir) if resume else None
-    if resume is not None:
+    if resume is not None and resume_path is not None:
+        check_resume_layout(resume, _read_layout(resume_path), layout)
         state.last_checkpoint_step, state.last_checkpoint_uri = resume.step, resume.uri
     trainer = _trainer_class()(
         eval_collator=eval_collator,
         model=model,
-        args=_training_arguments(config, output_dir, precision, has_eval=bool(eval_rows)),
+        args=_training_arguments(
+            config, output_dir, precision, bool(eval_rows), world=world, strategy=strategy
+        ),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=_callbacks(config, state, store, stop, collator, progress_bar),
+        callbacks=_callbacks(
+            config,
+            state,
+            store,
+            stop,
+            stopped,
+            collator,
+            progress_bar and world.is_main,
+            world,
+            layout,
+        ),
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and summary replace it
     trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
-    if stop.is_set():
+    if stopped.is_set():
         raise Preempted(
             f"stopped by SIGTERM at step {trainer.state.global_step}; "
             f"checkpoint {state.last_checkpoint_uri} saved",
@@ -312,31 +427,108 @@ def run(
     # Final evaluation and metrics.
     metrics = _final_metrics(trainer, bool(eval_rows), state)
 
-    # Write the artifact, manifest last.
+    # Write the artifact, manifest last (rank 0; FSDP first gathers the full weights
+    # there, which takes every rank).
     state.phase = "saving"
     artifact_dir = work_dir / "artifact"
-    _save_artifact(trainer.model, tokenizer, artifact_dir, config, model_dir)
-    _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
-    details = {
-        "base_model": {"source": config.model.source, "revision": config.model.revision},
-        "datasets": [_with_uri(record, fetched) for record in prepared.stats.get("sources", [])],
-        "method": config.method.model_dump(mode="json"),
-        "training": config.training.model_dump(mode="json"),
-        "dataset": config.dataset.model_dump(mode="json", exclude={"sources"}),
-        "metrics": metrics,
-        "stats": stats,
-        "resumed_from_step": resume.step if resume else None,
-    }
-    write_manifest(artifact_dir, details)
-    key = "model" if config.method.type == "full" else "adapter"
-    published = publish(artifact_dir, store, key)
+    if strategy == "fsdp":
+        trainer.save_model(str(artifact_dir))
+    published: PublishedArtifact | None = None
+    if world.is_main:
+        _save_artifact(trainer, tokenizer, artifact_dir, config, model_dir, strategy)
+        published = _publish(
+            trainer,
+            artifact_dir,
+            store,
+            config,
+            fetched,
+            prepared.stats,
+            metrics,
+            stats,
+            resume,
+            layout,
+        )
+    # The others wait for rank 0: a rank's early exit would not fail the attempt, but an
+    # attempt whose rank 0 fails to publish must not look half successful.
+    published = distributed.broadcast_from_main(published)
+    distributed.shutdown()
     state.phase = "done"
     return RunResult(
         artifact=published,
         metrics=metrics,
         stats={k: v for k, v in stats.items() if isinstance(v, int | float)},
         resumed_from_step=resume.step if resume else None,
-        local_artifact_dir=artifact_dir,
+        local_artifact_dir=artifact_dir if world.is_main else None,
+    )
+
+
+def _publish(
+    trainer: Any,
+    artifact_dir: Path,
+    store: Store,
+    config: TrainerConfig,
+    fetched: dict[str, str],
+    source_stats: dict[str, Any],
+    metrics: dict[str, float],
+    stats: dict[str, Any],
+    resume: RemoteCheckpoint | None,
+    layout: dict[str, Any],
+) -> PublishedArtifact:
+    _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
+    details = {
+        "base_model": {"source": config.model.source, "revision": config.model.revision},
+        "datasets": [_with_uri(record, fetched) for record in source_stats.get("sources", [])],
+        "method": config.method.model_dump(mode="json"),
+        "training": config.training.model_dump(mode="json"),
+        "dataset": config.dataset.model_dump(mode="json", exclude={"sources"}),
+        "metrics": metrics,
+        "stats": stats,
+        "resumed_from_step": resume.step if resume else None,
+        "distributed": layout,
+    }
+    write_manifest(artifact_dir, details)
+    key = "model" if config.method.type == "full" else "adapter"
+    return publish(artifact_dir, store, key)
+
+
+def _read_layout(checkpoint_dir: Path) -> dict[str, Any] | None:
+    path = checkpoint_dir / LAYOUT_FILE
+    if not path.is_file():
+        return None  # written before the layout was recorded: a single process
+    layout: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return layout
+
+
+def check_resume_layout(
+    checkpoint: RemoteCheckpoint, written: dict[str, Any] | None, current: dict[str, Any]
+) -> None:
+    """Refuse to resume what cannot be resumed on this layout; warn about what changes.
+
+    Replicated training (single, ddp) keeps whole copies of the trainable weights and
+    optimizer state in its checkpoints, so any world size can resume them. FSDP's
+    checkpoints are resumed only by the same world size and strategy."""
+    old = written or {"world_size": 1, "strategy": "single"}
+    old_size, old_strategy = int(old.get("world_size", 1)), str(old.get("strategy", "single"))
+    new_size, new_strategy = int(current["world_size"]), str(current["strategy"])
+    if (old_size, old_strategy) == (new_size, new_strategy):
+        return
+    if "fsdp" in (old_strategy, new_strategy):
+        raise Unsupported(
+            f"checkpoint {checkpoint.uri} was written by {old_size} processes with strategy "
+            f"{old_strategy}; this attempt runs {new_size} with strategy {new_strategy}, and an "
+            "FSDP checkpoint resumes only on the world size and strategy that wrote it",
+            hint=f"set spec.resources.nodes and spec.resources.gpus (or "
+            f"spec.distributed.processesPerNode) back to a world size of {old_size} and the "
+            f"strategy to {old_strategy}, or delete the checkpoints under "
+            f"{checkpoint.uri.rsplit('/', 1)[0]}/ to start over",
+        )
+    log.warning(
+        "resuming a %s checkpoint of %d processes with %s on %d: the global batch changes "
+        "and this epoch's remaining data is re-dealt by position",
+        old_strategy,
+        old_size,
+        new_strategy,
+        new_size,
     )
 
 
@@ -388,11 +580,19 @@ def _with_uri(record: dict[str, Any], fetched: dict[str, str]) -> dict[str, Any]
 
 
 def _save_artifact(
-    model: Any, tokenizer: Any, directory: Path, config: TrainerConfig, model_dir: Path
+    trainer: Any,
+    tokenizer: Any,
+    directory: Path,
+    config: TrainerConfig,
+    model_dir: Path,
+    strategy: ResolvedStrategy = "single",
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     base_name = config.model.source.removeprefix("hf://")
-    if config.method.type == "full":
+    model = trainer.model
+    if strategy == "fsdp":
+        pass  # trainer.save_model gathered and wrote the weights (and config) already
+    elif config.method.type == "full":
         model.save_pretrained(str(directory))
     else:
         model.peft_config["default"].base_model_name_or_path = base_name
