@@ -12,6 +12,7 @@ RUNNING = "Running"  # a trainer pod is scheduled or running
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
+QUEUED = "Queued"  # Kueue holds the attempt (reason PendingAdmission or Preempted)
 SPEC_CHANGED = "SpecChangeIgnored"  # the spec changed after the job started
 
 

@@ -1,10 +1,14 @@
 """The kopf handlers: read, call the pure deciders, apply. Nothing clever lives here.
 
-- every FineTuneJob event and every trainer-pod event → :func:`reconcile` for that job;
-- a timer per running job polls the trainer's progress endpoint and patches
-  status.progress / status.metrics / status.lastCheckpoint (only what changed);
+- every FineTuneJob event, every attempt-Job event and every trainer-pod event →
+  :func:`reconcile` for that job;
+- a timer per running job polls rank 0's progress endpoint and patches
+  status.progress / status.metrics / status.lastCheckpoint (only what changed); for a
+  job waiting in a Kueue queue the same timer reconciles (Kueue's message changes on
+  its Workload, which the operator does not watch);
 - a slower timer reconciles every job (deadlines, missed events);
-- on delete (behind a finalizer): stop the trainer pods; artifacts are never touched.
+- on delete (behind a finalizer): delete the attempt Jobs, which stops the trainer pods;
+  artifacts are never touched.
 """
 
 from __future__ import annotations
@@ -23,7 +27,15 @@ from .kube import KubeApi
 from .metrics import OperatorMetrics
 from .progress import changed_fields, fetch_progress, status_from_progress
 from .reconcile import Decision, reconcile
-from .workload import DEFAULT_IMAGE, JOB_LABEL, MANAGED_BY, PROGRESS_PORT
+from .workload import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX,
+    DEFAULT_IMAGE,
+    JOB_LABEL,
+    MANAGED_BY,
+    PROGRESS_PORT,
+    QUEUE_LABEL,
+)
 
 FINALIZER = "kubetune.io/finalizer"
 
@@ -50,19 +62,29 @@ class Reconciler:
             body = self.api.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
+            jobs = self.api.list_jobs(namespace, name)
             pods = self.api.list_pods(namespace, name)
-            decision = reconcile(body, pods, image=self.config.image)
+            latest = max(jobs, key=_attempt, default=None)
+            workloads: list[dict[str, Any]] = []
+            if latest is not None and _waits_in_queue(latest):
+                workloads = self.api.list_workloads(namespace, latest["metadata"].get("uid", ""))
+            decision = reconcile(body, jobs, pods, workloads, image=self.config.image)
             self._apply(body, decision, logger)
 
     def _apply(self, body: dict[str, Any], decision: Decision, logger: Any) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if decision.create_pod is not None:
-            created = self.api.create_pod(namespace, decision.create_pod)
-            pod = decision.create_pod["metadata"]["name"]
-            logger.info(f"pod {pod} {'created' if created else 'already exists'}")
-        for pod in decision.delete_pods:
-            self.api.delete_pod(namespace, pod)
-            logger.info(f"pod {pod} deleted")
+        if decision.create_service is not None:
+            self.api.create_service(namespace, decision.create_service)
+        if decision.create_job is not None:
+            created = self.api.create_job(namespace, decision.create_job)
+            job = decision.create_job["metadata"]["name"]
+            logger.info(f"job {job} {'created' if created else 'already exists'}")
+        for job in decision.suspend_jobs:
+            self.api.suspend_job(namespace, job)
+            logger.info(f"job {job} suspended")
+        for job in decision.delete_jobs:
+            self.api.delete_job(namespace, job)
+            logger.info(f"job {job} deleted")
         old = body.get("status") or {}
         patch = {k: v for k, v in decision.status.items() if old.get(k) != v}
         if patch:
@@ -75,8 +97,8 @@ class Reconciler:
     def poll_progress(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         with self._locks[(namespace, name)]:
             pods = self.api.list_pods(namespace, name)
-            running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
-            ip = (running[-1].get("status") or {}).get("podIP") if running else None
+            ranks0 = sorted((p for p in pods if _is_running_rank0(p)), key=_attempt)
+            ip = (ranks0[-1].get("status") or {}).get("podIP") if ranks0 else None
             report = fetch_progress(ip, port=self.config.progress_port) if ip else None
             if not report:
                 return
@@ -86,15 +108,35 @@ class Reconciler:
                 self.metrics.observe_status(namespace, name, {**status, **patch})
 
     def stop(self, namespace: str, name: str, logger: Any) -> None:
-        for pod in self.api.list_pods(namespace, name):
-            if not (pod["metadata"].get("deletionTimestamp")):
-                self.api.delete_pod(namespace, pod["metadata"]["name"])
-                logger.info(f"pod {pod['metadata']['name']} deleted with its job")
+        for job in self.api.list_jobs(namespace, name):
+            if not job["metadata"].get("deletionTimestamp"):
+                self.api.delete_job(namespace, job["metadata"]["name"])
+                logger.info(f"job {job['metadata']['name']} deleted with its FineTuneJob")
         self.metrics.forget(namespace, name)
 
 
-def _is_running(status: Any, **_: Any) -> bool:
-    return bool(status) and status.get("state") == "Running"
+def _attempt(obj: dict[str, Any]) -> int:
+    return int((obj["metadata"].get("labels") or {}).get(ATTEMPT_LABEL, "0"))
+
+
+def _waits_in_queue(job: dict[str, Any]) -> bool:
+    """An attempt Job that Kueue holds (suspended, in a queue, not finished)."""
+    labels = job["metadata"].get("labels") or {}
+    done = any(
+        x.get("type") in ("Complete", "Failed") and x.get("status") == "True"
+        for x in (job.get("status") or {}).get("conditions") or []
+    )
+    return QUEUE_LABEL in labels and bool((job.get("spec") or {}).get("suspend")) and not done
+
+
+def _is_running_rank0(pod: dict[str, Any]) -> bool:
+    """Rank 0 serves the progress endpoint (the pod with completion index 0)."""
+    index = (pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, "0")
+    return index == "0" and (pod.get("status") or {}).get("phase") == "Running"
+
+
+def _is_running_or_queued(status: Any, **_: Any) -> bool:
+    return bool(status) and status.get("state") in ("Running", "Queued")
 
 
 def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
@@ -112,15 +154,19 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
             return
         reconciler.reconcile(namespace, name, logger)
 
+    @kopf.on.event("batch", "v1", "jobs", labels=dict(MANAGED_BY), registry=registry)
     @kopf.on.event("", "v1", "pods", labels=dict(MANAGED_BY), registry=registry)
-    def pod_changed(labels: dict[str, str], namespace: str, logger: Any, **_: Any) -> None:
+    def workload_changed(labels: dict[str, str], namespace: str, logger: Any, **_: Any) -> None:
         job_name = labels.get(JOB_LABEL)
         if job_name:
             reconciler.reconcile(namespace, job_name, logger)
 
-    @kopf.timer(**job, interval=config.progress_interval_seconds, when=_is_running)
-    def poll_progress(namespace: str, name: str, status: Any, **_: Any) -> None:
-        reconciler.poll_progress(namespace, name, dict(status))
+    @kopf.timer(**job, interval=config.progress_interval_seconds, when=_is_running_or_queued)
+    def poll_progress(namespace: str, name: str, status: Any, logger: Any, **_: Any) -> None:
+        if status.get("state") == "Queued":
+            reconciler.reconcile(namespace, name, logger)
+        else:
+            reconciler.poll_progress(namespace, name, dict(status))
 
     @kopf.timer(**job, interval=config.resync_interval_seconds, initial_delay=5)
     def resync(namespace: str, name: str, logger: Any, **_: Any) -> None:

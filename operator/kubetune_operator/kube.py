@@ -1,8 +1,9 @@
 """The few Kubernetes API calls the operator makes, in one place.
 
 Every call here is one the chart's RBAC must grant (and nothing more): FineTuneJobs
-get/list/watch/patch (+ status and finalizers through kopf), pods
-create/list/watch/delete, events create. No Secrets, ever.
+get/list/watch/patch (+ status and finalizers through kopf), batch Jobs
+create/list/watch/patch/delete, pods list/watch, Services create, Kueue Workloads list,
+events create. No Secrets, ever.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from .api.types import GROUP, PLURAL, VERSION
-from .workload import pod_selector
+from .workload import job_selector
 
 log = logging.getLogger("kubetune.operator")
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 T = TypeVar("T")
 
 
@@ -45,6 +48,7 @@ class KubeApi:
     ) -> None:
         api_client = client.ApiClient(configuration)
         self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self._on_error = on_error or (lambda operation: None)
 
@@ -82,26 +86,94 @@ class KubeApi:
             if error.status != 404:
                 raise
 
-    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        pods = self._call(
-            "list_pods",
-            lambda: self.core.list_namespaced_pod(namespace, label_selector=pod_selector(job_name)),
-        )
-        return [self.core.api_client.sanitize_for_serialization(p) for p in pods.items]
+    def _plain(self, objects: Any) -> list[dict[str, Any]]:
+        return [self.core.api_client.sanitize_for_serialization(o) for o in objects.items]
 
-    def create_pod(self, namespace: str, manifest: dict[str, Any]) -> bool:
-        """Create a pod; False when it already exists (a retried or repeated reconcile)."""
+    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The trainer pods of every attempt of one FineTuneJob."""
+        return self._plain(
+            self._call(
+                "list_pods",
+                lambda: self.core.list_namespaced_pod(
+                    namespace, label_selector=job_selector(job_name)
+                ),
+            )
+        )
+
+    def list_jobs(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """The attempt Jobs of one FineTuneJob."""
+        return self._plain(
+            self._call(
+                "list_jobs",
+                lambda: self.batch.list_namespaced_job(
+                    namespace, label_selector=job_selector(job_name)
+                ),
+            )
+        )
+
+    def list_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
+        """Kueue's Workloads of the Job with ``job_uid``; none when Kueue is not installed
+        or the operator may not read them (the job then shows a generic queued message)."""
         try:
-            self._call("create_pod", lambda: self.core.create_namespaced_pod(namespace, manifest))
+            answer = self._call(
+                "list_workloads",
+                lambda: self.custom.list_namespaced_custom_object(
+                    KUEUE_GROUP,
+                    KUEUE_VERSION,
+                    namespace,
+                    "workloads",
+                    label_selector=f"{KUEUE_JOB_UID_LABEL}={job_uid}",
+                ),
+            )
+        except ApiException as error:
+            if error.status in (403, 404):
+                return []
+            raise
+        return list((answer or {}).get("items") or [])
+
+    def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create an attempt Job; False when it already exists (a repeated reconcile)."""
+        return self._create(
+            "create_job", lambda: self.batch.create_namespaced_job(namespace, manifest)
+        )
+
+    def create_service(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create the rank-0 Service; False when it already exists."""
+        return self._create(
+            "create_service", lambda: self.core.create_namespaced_service(namespace, manifest)
+        )
+
+    def _create(self, operation: str, call: Callable[[], Any]) -> bool:
+        try:
+            self._call(operation, call)
         except ApiException as error:
             if error.status == 409:
                 return False
             raise
         return True
 
-    def delete_pod(self, namespace: str, name: str) -> None:
+    def suspend_job(self, namespace: str, name: str) -> None:
+        """Suspend a Job: the Job controller stops its pods (the trainer checkpoints)."""
         try:
-            self._call("delete_pod", lambda: self.core.delete_namespaced_pod(name, namespace))
+            self._call(
+                "patch_job",
+                lambda: self.batch.patch_namespaced_job(
+                    name, namespace, {"spec": {"suspend": True}}
+                ),
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and (in the background) its pods, which get their grace period."""
+        try:
+            self._call(
+                "delete_job",
+                lambda: self.batch.delete_namespaced_job(
+                    name, namespace, propagation_policy="Background"
+                ),
+            )
         except ApiException as error:
             if error.status != 404:
                 raise

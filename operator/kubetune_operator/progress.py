@@ -40,6 +40,9 @@ def status_from_progress(progress: dict[str, Any], checkpoint_time: str) -> dict
             "etaSeconds": progress.get("eta_seconds"),
         }
     }
+    for source, target in (("world_size", "worldSize"), ("global_batch_size", "globalBatchSize")):
+        if progress.get(source):
+            status["progress"][target] = int(progress[source])
     metrics = {
         "trainLoss": _rounded(progress.get("train_loss")),
         "evalLoss": _rounded(progress.get("eval_loss")),

@@ -1,13 +1,27 @@
-"""Decide what a FineTuneJob needs next, from the job and its pods. Pure: no API calls.
+"""Decide what a FineTuneJob needs next, from the job and its attempts. Pure: no API calls.
 
-The kopf handlers read the job and its pods, call :func:`reconcile`, and apply the
-:class:`Decision` (create a pod, delete pods, patch status, emit events). Running the
-same inputs twice gives the same decision, so re-delivered events, retried handlers and
-a restarted operator never make a second pod: pod names are deterministic per attempt,
-and an existing attempt is always observed before a new one is created.
+The kopf handlers read the job, its attempt Jobs (batch/v1, one per attempt), their pods
+and, for an attempt waiting in a Kueue queue, Kueue's Workload; they call
+:func:`reconcile` and apply the :class:`Decision` (create a Job, suspend or delete Jobs,
+patch status, emit events). Running the same inputs twice gives the same decision, so
+re-delivered events, retried handlers and a restarted operator never make a second
+attempt: Job names are deterministic per attempt, and an existing attempt is always
+observed before a new one is created. State is derived from what exists, so an operator
+killed between two writes heals on the next reconcile.
 
-Spec changes: while a trainer runs, later edits of the spec are not applied (the
-running attempt and its retries keep the spec they started with, kept on the pod as an
+An attempt ends when its Job has the ``Complete`` or ``Failed`` condition (the Job
+controller fails the whole attempt, stopping the other ranks, when any pod fails); a
+failed attempt is retried as a new Job once all its pods have stopped, and the new
+attempt resumes every rank from the newest complete checkpoint.
+
+Kueue: a Job in a queue is created suspended; while Kueue holds it the job is
+``Queued`` (with Kueue's own message when its Workload is readable). When Kueue preempts
+an admitted Job (suspends it again and removes its pods) the job is ``Queued`` with
+reason ``Preempted``: no attempt is consumed, and Kueue's next admission resumes from
+the newest complete checkpoint.
+
+Spec changes: while an attempt runs, later edits of the spec are not applied (the
+running attempt and its retries keep the spec they started with, kept on the Job as an
 annotation); a ``SpecChangeIgnored`` condition says so. ``suspend`` is the exception:
 setting it stops the trainer (which checkpoints on SIGTERM), and a resumed job starts
 its next attempt from the current spec, as a suspended Kubernetes Job does.
@@ -16,6 +30,7 @@ its next attempt from the current spec, as a suspended Kubernetes Job does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +40,15 @@ from kubetune_trainer.errors import ExitCode
 from . import conditions as c
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .api.validation import InvalidManifest, Problem, parse_manifest
-from .workload import ATTEMPT_LABEL, trainer_pod
+from .workload import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX,
+    QUEUE_LABEL,
+    SPEC_ANNOTATION,
+    attempt_job,
+    rank_service,
+)
 
-SPEC_ANNOTATION = "kubetune.io/spec"
 TERMINAL_STATES = ("Succeeded", "Failed")
 
 
@@ -41,12 +62,14 @@ class Event:
 @dataclass
 class Decision:
     status: dict[str, Any]
-    create_pod: dict[str, Any] | None = None
-    delete_pods: list[str] = field(default_factory=list)
+    create_job: dict[str, Any] | None = None
+    create_service: dict[str, Any] | None = None
+    suspend_jobs: list[str] = field(default_factory=list)
+    delete_jobs: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- pods
+# --------------------------------------------------------------------------- observed
 
 
 @dataclass(frozen=True)
@@ -57,7 +80,7 @@ class PodView:
     attempt: int
     phase: str
     deleting: bool
-    spec_json: str | None
+    index: int = 0
     exit_code: int | None = None
     terminated_reason: str | None = None
     termination_message: str | None = None
@@ -66,6 +89,7 @@ class PodView:
     unschedulable_message: str | None = None
     pod_reason: str | None = None
     pod_ip: str | None = None
+    finished_at: str | None = None
 
     @classmethod
     def of(cls, pod: dict[str, Any]) -> PodView:
@@ -86,7 +110,7 @@ class PodView:
             attempt=int((meta.get("labels") or {}).get(ATTEMPT_LABEL, "0")),
             phase=status.get("phase") or "Pending",
             deleting=bool(meta.get("deletionTimestamp")),
-            spec_json=(meta.get("annotations") or {}).get(SPEC_ANNOTATION),
+            index=int((meta.get("annotations") or {}).get(COMPLETION_INDEX) or 0),
             exit_code=terminated.get("exitCode"),
             terminated_reason=terminated.get("reason"),
             termination_message=terminated.get("message"),
@@ -95,11 +119,119 @@ class PodView:
             unschedulable_message=scheduled.get("message") if unschedulable else None,
             pod_reason=status.get("reason"),
             pod_ip=status.get("podIP"),
+            finished_at=terminated.get("finishedAt"),
         )
 
     @property
     def finished(self) -> bool:
         return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def reported_error(self) -> dict[str, Any] | None:
+        """The trainer's error from the termination message, when it wrote one."""
+        error = _result(self.termination_message).get("error")
+        return error if isinstance(error, dict) else None
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    """One attempt: its Job, the Job's pods and (in a Kueue queue) its Workload."""
+
+    name: str
+    attempt: int
+    nodes: int
+    suspended: bool
+    deleting: bool
+    spec_json: str | None
+    queue: str | None
+    complete: bool
+    failed_reason: str | None
+    failed_message: str
+    pods: tuple[PodView, ...] = ()
+    pending_admission: str | None = None  # Kueue's message while it holds the Job
+    evicted: str | None = None  # Kueue's eviction reason and message
+
+    @classmethod
+    def of(
+        cls, job: dict[str, Any], pods: Iterable[PodView], workloads: Iterable[dict[str, Any]]
+    ) -> AttemptView:
+        meta = job.get("metadata", {})
+        spec = job.get("spec") or {}
+        labels = meta.get("labels") or {}
+        attempt = int(labels.get(ATTEMPT_LABEL, "0"))
+        conditions = {x.get("type"): x for x in (job.get("status") or {}).get("conditions") or []}
+        failed = conditions.get("Failed") or {}
+        is_failed = failed.get("status") == "True"
+        pending, evicted = _kueue_view(meta.get("name", ""), workloads)
+        return cls(
+            name=meta.get("name", ""),
+            attempt=attempt,
+            nodes=int(spec.get("completions") or 1),
+            suspended=bool(spec.get("suspend")),
+            deleting=bool(meta.get("deletionTimestamp")),
+            spec_json=(meta.get("annotations") or {}).get(SPEC_ANNOTATION),
+            queue=labels.get(QUEUE_LABEL),
+            complete=(conditions.get("Complete") or {}).get("status") == "True",
+            failed_reason=(failed.get("reason") or "Failed") if is_failed else None,
+            failed_message=failed.get("message") or "",
+            pods=tuple(sorted((p for p in pods if p.attempt == attempt), key=lambda p: p.index)),
+            pending_admission=pending,
+            evicted=evicted,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.complete or self.failed_reason is not None
+
+    @property
+    def live_pods(self) -> list[PodView]:
+        """Pods still running or about to (not finished, not being deleted)."""
+        return [p for p in self.pods if not p.finished and not p.deleting]
+
+    @property
+    def stopped(self) -> bool:
+        """No trainer process of this attempt can still be running."""
+        return not any(p.phase in ("Running", "Pending") for p in self.pods)
+
+    @property
+    def rank0(self) -> PodView | None:
+        """Rank 0's pod (index 0), which alone writes the result."""
+        return next((p for p in reversed(self.pods) if p.index == 0), None)
+
+
+def _kueue_view(
+    job_name: str, workloads: Iterable[dict[str, Any]]
+) -> tuple[str | None, str | None]:
+    """Kueue's pending message and eviction (if any) for the Job named ``job_name``."""
+    for workload in workloads:
+        owners = (workload.get("metadata") or {}).get("ownerReferences") or []
+        if not any(o.get("kind") == "Job" and o.get("name") == job_name for o in owners):
+            continue
+        conditions = {
+            x.get("type"): x for x in (workload.get("status") or {}).get("conditions") or []
+        }
+        reserved = conditions.get("QuotaReserved") or {}
+        evicted = conditions.get("Evicted") or {}
+        pending = reserved.get("message") if reserved.get("status") == "False" else None
+        eviction = (
+            f"{evicted.get('reason') or 'Evicted'}: {evicted.get('message') or ''}".rstrip(": ")
+            if evicted.get("status") == "True"
+            else None
+        )
+        return pending or None, eviction
+    return None, None
+
+
+def attempts_of(
+    jobs: Iterable[dict[str, Any]],
+    pods: Iterable[dict[str, Any]],
+    workloads: Iterable[dict[str, Any]] = (),
+) -> list[AttemptView]:
+    """The attempts, oldest first."""
+    pod_views = [PodView.of(p) for p in pods]
+    workloads = list(workloads)
+    views = [AttemptView.of(j, pod_views, workloads) for j in jobs]
+    return sorted(views, key=lambda a: a.attempt)
 
 
 @dataclass(frozen=True)
@@ -121,8 +253,12 @@ def classify_failure(pod: PodView) -> Failure:
             False,
         )
     detail = _error_from_message(pod.termination_message)
+    # Under torchrun the container's exit code is torchrun's (1); the trainer's own
+    # code travels in its error report.
+    reported = (pod.reported_error or {}).get("exitCode")
+    exit_code = reported if isinstance(reported, int) else pod.exit_code
     try:
-        code = ExitCode(pod.exit_code) if pod.exit_code is not None else None
+        code = ExitCode(exit_code) if exit_code is not None else None
     except ValueError:
         code = None
     if code is not None and code != ExitCode.OK:
@@ -130,6 +266,24 @@ def classify_failure(pod: PodView) -> Failure:
         return Failure(code.reason, message, code.retryable)
     message = detail or f"the trainer container ended with exit code {pod.exit_code}"
     return Failure("TrainerCrashed", message, True)
+
+
+def attempt_failure(attempt: AttemptView) -> Failure:
+    """Why a failed attempt failed: the pod that failed first explains it best."""
+    if attempt.failed_reason == "DeadlineExceeded":
+        return Failure("DeadlineExceeded", "the job ran longer than activeDeadlineSeconds", False)
+
+    def first(pod: PodView) -> tuple[bool, bool, str, int]:
+        error = pod.reported_error or {}
+        # Ranks stopped because another failed report a SIGTERM (Preempted): look past them.
+        stopped = error.get("exitCode") == ExitCode.PREEMPTED
+        return (not error, stopped, pod.finished_at or "~", pod.index)
+
+    failed = sorted((p for p in attempt.pods if p.phase == "Failed"), key=first)
+    if failed:
+        return classify_failure(failed[0])
+    detail = f" ({attempt.failed_message})" if attempt.failed_message else ""
+    return Failure("PodDeleted", f"a trainer pod was deleted while it ran{detail}", True)
 
 
 def _error_from_message(message: str | None) -> str | None:
@@ -230,20 +384,24 @@ class _Builder:
 
 def reconcile(
     body: dict[str, Any],
+    jobs: list[dict[str, Any]],
     pods: list[dict[str, Any]],
+    workloads: list[dict[str, Any]] | None = None,
     *,
     image: str,
     now: datetime | None = None,
 ) -> Decision:
-    """The next step for the FineTuneJob ``body`` whose trainer pods are ``pods``."""
+    """The next step for the FineTuneJob ``body``, given its attempt ``jobs``, their
+    ``pods`` and Kueue's ``workloads`` for them (if read)."""
     b = _Builder(body, now or datetime.now(UTC))
-    views = sorted((PodView.of(p) for p in pods), key=lambda v: v.attempt)
+    views = attempts_of(jobs, pods, workloads or ())
     latest = views[-1] if views else None
     attempts = max([v.attempt for v in views] + [int(b.old.get("attempts") or 0)])
     raw_spec = body.get("spec") or {}
+    labels = (body.get("metadata") or {}).get("labels") or {}
 
     if b.old.get("state") in TERMINAL_STATES:
-        b.decision.delete_pods = [v.name for v in views if not v.finished and not v.deleting]
+        b.decision.delete_jobs = _unfinished(views)
         return b.finish()
 
     try:
@@ -253,8 +411,7 @@ def reconcile(
         current, problems = None, invalid.problems
     message = "; ".join(str(p).replace("\n    hint:", " — hint:") for p in problems)
 
-    running = latest is not None and not latest.finished and not latest.deleting
-    if running and latest is not None:
+    if latest is not None and not latest.finished and not latest.deleting:
         _note_spec_change(b, latest, current, message)
 
     deadline = (current.spec.activeDeadlineSeconds if current else None) or None
@@ -262,29 +419,43 @@ def reconcile(
     if deadline and elapsed is not None and elapsed >= deadline:
         return _fail(b, views, "DeadlineExceeded", "the job ran longer than activeDeadlineSeconds")
 
+    if latest is not None and latest.complete:
+        return _succeed(b, latest)
     if raw_spec.get("suspend"):
         return _suspend(b, latest)
-
     if latest is not None and latest.deleting:
         return b.finish()  # wait until the old attempt is gone
     resuming = b.old.get("state") == "Suspended"
     if latest is None or resuming:
         if attempts and not resuming:
-            vanished = Failure("PodDeleted", "the trainer pod was deleted while it ran", True)
-            return _retry_or_fail(b, current, attempts, vanished, latest, image)
+            vanished = Failure("AttemptDeleted", "the attempt's Job was deleted while it ran", True)
+            return _retry_or_fail(b, current, attempts, vanished, None, image, labels)
         if current is None or problems:
             b.condition(c.ACCEPTED, False, "InvalidSpec", message)
             b.state("Invalid", "InvalidSpec", message, warning=True)
             return b.finish()
-        return _start_attempt(b, attempts + 1, image, spec_json(current))
+        if latest is not None and not latest.finished:
+            b.decision.delete_jobs = [latest.name]  # the suspended attempt; resume anew
+        return _start_attempt(b, attempts + 1, image, spec_json(current), labels)
 
-    if latest.phase == "Succeeded":
-        return _succeed(b, latest)
-    if latest.phase == "Failed":
-        return _retry_or_fail(b, current, attempts, classify_failure(latest), latest, image)
-    if latest.phase == "Running":
-        b.condition(c.RUNNING, True, "Training", f"attempt {latest.attempt} is training")
-        b.state("Running", "Training", f"attempt {latest.attempt} is training")
+    if latest.failed_reason is not None:
+        if not latest.stopped:
+            detail = f"attempt {latest.attempt} failed; waiting for its other ranks to stop"
+            b.condition(c.RUNNING, False, "AttemptFailed", detail)
+            return b.finish()
+        failure = attempt_failure(latest)
+        return _retry_or_fail(b, current, attempts, failure, latest, image, labels)
+    if latest.suspended:
+        return _queued(b, latest)
+    if any(p.phase == "Failed" for p in latest.pods):
+        return b.finish()  # the Job controller is about to fail the attempt as a whole
+    if c.get_condition(b.conditions, c.QUEUED) is not None:
+        b.condition(c.QUEUED, False, "Admitted", f"attempt {latest.attempt} was admitted")
+    live = latest.live_pods
+    if len(live) == latest.nodes and all(p.phase == "Running" for p in live):
+        ranks = f" on {latest.nodes} nodes" if latest.nodes > 1 else ""
+        b.condition(c.RUNNING, True, "Training", f"attempt {latest.attempt} is training{ranks}")
+        b.state("Running", "Training", f"attempt {latest.attempt} is training{ranks}")
         return b.finish()
     reason, detail = _pending_reason(latest)
     b.condition(c.RUNNING, False, reason, detail)
@@ -292,8 +463,44 @@ def reconcile(
     return b.finish()
 
 
+def _unfinished(views: list[AttemptView]) -> list[str]:
+    return [v.name for v in views if not v.finished and not v.deleting]
+
+
+def _queued(b: _Builder, attempt: AttemptView) -> Decision:
+    """Kueue holds the attempt: never admitted yet, or preempted after admission."""
+    queued = c.get_condition(b.conditions, c.QUEUED) or {}
+    preempted = attempt.evicted is not None or (
+        b.old.get("state") in ("Pending", "Running")
+        or (b.old.get("state") == "Queued" and queued.get("reason") == "Preempted")
+    )
+    where = f"in Kueue queue {attempt.queue!r}" if attempt.queue else "(its Job is suspended)"
+    if preempted and attempt.evicted is None and queued.get("reason") == "Preempted":
+        message = queued.get("message") or ""  # already said; Kueue's Workload may be gone
+        reason = "Preempted"
+    elif preempted:
+        why = attempt.evicted or "the attempt's Job was suspended and its pods removed"
+        checkpoint = (b.old.get("lastCheckpoint") or {}).get("step")
+        resume = (
+            f" from checkpoint step {checkpoint}" if checkpoint else " from the newest checkpoint"
+        )
+        message = (
+            f"attempt {attempt.attempt} was preempted ({why}); it waits {where} and resumes"
+            f"{resume} when admitted again (no retry is used)"
+        )
+        reason = "Preempted"
+    else:
+        pending = f": {attempt.pending_admission}" if attempt.pending_admission else ""
+        message = f"attempt {attempt.attempt} waits for admission {where}{pending}"
+        reason = "PendingAdmission"
+    b.condition(c.QUEUED, True, reason, message)
+    b.condition(c.RUNNING, False, reason, message)
+    b.state("Queued", reason, message, warning=preempted)
+    return b.finish()
+
+
 def _note_spec_change(
-    b: _Builder, latest: PodView, current: FineTuneJob | None, problems: str
+    b: _Builder, latest: AttemptView, current: FineTuneJob | None, problems: str
 ) -> None:
     started = latest.spec_json
     changed = current is None or (started is not None and spec_json(current) != started)
@@ -320,7 +527,18 @@ def _elapsed(start: str | None, now: datetime) -> float | None:
 _WARNING_REASONS = ("Unschedulable", "ImagePullBackOff", "CreateContainerConfigError")
 
 
-def _pending_reason(pod: PodView) -> tuple[str, str]:
+def _pending_reason(attempt: AttemptView) -> tuple[str, str]:
+    """Why the attempt is not training yet: the first pod with a reason explains it."""
+    for pod in attempt.live_pods:
+        reason = _pod_pending_reason(pod)
+        if reason is not None:
+            return reason
+    if not attempt.live_pods:
+        return "Pending", f"attempt {attempt.attempt} is waiting for its pods"
+    return "Pending", f"attempt {attempt.attempt} is waiting to start"
+
+
+def _pod_pending_reason(pod: PodView) -> tuple[str, str] | None:
     if pod.unschedulable_message:
         return "Unschedulable", f"no node fits the trainer pod: {pod.unschedulable_message}"
     if pod.waiting_reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
@@ -336,28 +554,39 @@ def _pending_reason(pod: PodView) -> tuple[str, str]:
         )
     if pod.waiting_reason:
         return pod.waiting_reason, pod.waiting_message or pod.waiting_reason
-    return "Pending", f"attempt {pod.attempt} is waiting to start"
+    return None
 
 
-def _start_attempt(b: _Builder, attempt: int, image: str, started_spec: str) -> Decision:
-    """Create the pod for ``attempt``, which runs with ``started_spec``."""
+def _start_attempt(
+    b: _Builder, attempt: int, image: str, started_spec: str, labels: Mapping[str, str]
+) -> Decision:
+    """Create the Job of ``attempt``, which runs with ``started_spec``."""
     run_job = _job_from(b.identity, json.loads(started_spec))
     deadline = run_job.spec.activeDeadlineSeconds
     elapsed = _elapsed(b.old.get("startTime"), b.now) or 0.0
-    pod = trainer_pod(
+    job = attempt_job(
         run_job,
         uid=b.uid,
         attempt=attempt,
         image=image,
+        labels=labels,
         deadline_seconds=int(deadline - elapsed) if deadline else None,
+        started_spec=started_spec,
     )
-    pod["metadata"].setdefault("annotations", {})[SPEC_ANNOTATION] = started_spec
-    b.decision.create_pod = pod
+    b.decision.create_job = job
+    b.decision.create_service = rank_service(run_job, uid=b.uid)
     b.status["attempts"] = attempt
     b.status.setdefault("startTime", c.now_rfc3339(b.now))
     b.condition(c.ACCEPTED, True, "Valid", "the spec is valid")
     if b.old.get("state") == "Suspended":
         b.condition(c.SUSPENDED, False, "Resumed", f"resumed with attempt {attempt}")
+    if job["spec"]["suspend"]:
+        queue = job["metadata"]["labels"][QUEUE_LABEL]
+        message = f"attempt {attempt} created; waits for admission in Kueue queue {queue!r}"
+        b.condition(c.QUEUED, True, "PendingAdmission", message)
+        b.condition(c.RUNNING, False, "PendingAdmission", message)
+        b.state("Queued", "AttemptCreated", message)
+        return b.finish()
     b.condition(c.RUNNING, False, "Pending", f"attempt {attempt} created")
     b.state("Pending", "AttemptCreated", f"attempt {attempt} created")
     return b.finish()
@@ -368,8 +597,9 @@ def _retry_or_fail(
     current: FineTuneJob | None,
     attempts: int,
     failure: Failure,
-    latest: PodView | None,
+    latest: AttemptView | None,
     image: str,
+    labels: Mapping[str, str],
 ) -> Decision:
     limit = current.spec.retryLimit if current is not None else 0
     if not failure.retryable:
@@ -387,7 +617,7 @@ def _retry_or_fail(
     spec_text = started or (spec_json(current) if current is not None else None)
     if spec_text is None:
         return _fail(b, [], "InvalidSpec", "cannot retry: the spec is no longer valid")
-    decision = _start_attempt(b, attempts + 1, image, spec_text)
+    decision = _start_attempt(b, attempts + 1, image, spec_text, labels)
     checkpoint = (b.old.get("lastCheckpoint") or {}).get("step")
     resume = f", resuming from checkpoint step {checkpoint}" if checkpoint else ""
     message = (
@@ -400,8 +630,8 @@ def _retry_or_fail(
     return decision
 
 
-def _fail(b: _Builder, views: list[PodView], reason: str, message: str) -> Decision:
-    b.decision.delete_pods = [v.name for v in views if not v.finished and not v.deleting]
+def _fail(b: _Builder, views: list[AttemptView], reason: str, message: str) -> Decision:
+    b.decision.delete_jobs = _unfinished(views)
     b.status["completionTime"] = c.now_rfc3339(b.now)
     b.condition(c.RUNNING, False, reason, message)
     b.condition(c.FAILED, True, reason, message)
@@ -409,8 +639,9 @@ def _fail(b: _Builder, views: list[PodView], reason: str, message: str) -> Decis
     return b.finish()
 
 
-def _succeed(b: _Builder, pod: PodView) -> Decision:
-    result = _result(pod.termination_message)
+def _succeed(b: _Builder, attempt: AttemptView) -> Decision:
+    rank0 = attempt.rank0
+    result = _result(rank0.termination_message if rank0 is not None else None)
     artifact = result.get("artifact")
     if artifact:
         b.status["artifact"] = artifact
@@ -432,15 +663,23 @@ def _succeed(b: _Builder, pod: PodView) -> Decision:
         b.status["progress"] = progress
     b.status["completionTime"] = c.now_rfc3339(b.now)
     uri = (artifact or {}).get("uri", "the output store")
-    b.condition(c.RUNNING, False, "Completed", f"attempt {pod.attempt} completed")
+    b.condition(c.RUNNING, False, "Completed", f"attempt {attempt.attempt} completed")
     b.condition(c.SUCCEEDED, True, "Completed", f"the adapter is at {uri}")
     b.state("Succeeded", "Completed", f"the adapter is at {uri}")
     return b.finish()
 
 
-def _suspend(b: _Builder, latest: PodView | None) -> Decision:
-    if latest is not None and not latest.finished and not latest.deleting:
-        b.decision.delete_pods = [latest.name]
+def _suspend(b: _Builder, latest: AttemptView | None) -> Decision:
+    """Stop the running attempt: suspend its Job (the Job controller stops the pods and the
+    trainer checkpoints on SIGTERM). A Job in a Kueue queue is deleted instead: Kueue owns
+    its suspension, and deleting it frees the quota at once."""
+    active = latest is not None and not latest.finished and not latest.deleting
+    if latest is not None and active and not latest.suspended:
+        if latest.queue:
+            b.decision.delete_jobs = [latest.name]
+        else:
+            b.decision.suspend_jobs = [latest.name]
+    if latest is not None and not latest.stopped:
         message = f"stopping attempt {latest.attempt} (it checkpoints first)"
     else:
         message = "suspended; set spec.suspend to false to resume from the last checkpoint"

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from kubetune_trainer.config import (
     DatasetConfig,
+    DistributedConfig,
     EarlyStoppingConfig,
     FieldMapping,
+    FsdpConfig,
     MethodConfig,
     ModelConfig,
     OutputConfig,
@@ -107,6 +109,20 @@ def _training(spec: FineTuneJobSpec) -> TrainingConfig:
     )
 
 
+def _distributed(spec: FineTuneJobSpec) -> DistributedConfig:
+    fsdp = spec.distributed.fsdp
+    return DistributedConfig(
+        strategy=spec.distributed.strategy,
+        fsdp=FsdpConfig(
+            sharding=fsdp.sharding,
+            cpu_offload=fsdp.cpuOffload,
+            activation_checkpointing=fsdp.activationCheckpointing,
+        )
+        if fsdp is not None
+        else FsdpConfig(),
+    )
+
+
 def trainer_config(
     job: FineTuneJob,
     *,
@@ -138,4 +154,5 @@ def trainer_config(
         training=_training(spec),
         output=out,
         reporting=reporting or ReportingConfig(),
+        distributed=_distributed(spec),
     )

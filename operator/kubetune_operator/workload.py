@@ -1,16 +1,33 @@
-"""The trainer workload of a FineTuneJob: one bare Pod per attempt.
+"""The trainer workload of one attempt: a batch/v1 Indexed Job (+ a headless Service).
 
-Why a Pod and not a batch/v1 Job: each attempt must resume from the newest checkpoint
-and the decision to retry depends on the trainer's exit code (retryable or not), on
-suspend, and on deadlines that span attempts. The operator already owns all of that, so
-a Job would add a second retry loop to fight with. Deterministic names
-(``<job>-attempt-<n>``) make creation idempotent: a second create answers 409.
+One attempt of a FineTuneJob is one Indexed Job named ``<job>-attempt-<n>`` with one pod
+per node (``completions = parallelism = spec.resources.nodes``). Inside each pod torchrun
+starts one trainer process per GPU (or ``distributed.processesPerNode`` on CPU); the
+pod's completion index is torchrun's node rank, and rank 0's pod is reachable at the
+stable DNS name ``<job>-attempt-<n>-0.<service>`` through a headless Service shared by
+the job's attempts. A world size of 1 runs the trainer directly, without torchrun.
 
-Everything here is pure: a FineTuneJob in, a Pod manifest (a dict) out.
+Why a Job at all (and not bare pods): Kubernetes' batch API is what a platform's queue
+(Kueue) admits, suspends and preempts, and the Job controller already creates one pod per
+index, gives it a stable hostname, and fails the attempt as a whole (stopping the other
+ranks) when any pod fails. ``backoffLimit: 0`` keeps the operator's own attempt loop in
+charge: retries depend on the trainer's exit code, resume from the newest checkpoint and
+deadlines span attempts, so one Job is one attempt and a retry is a new Job.
+
+Why an Indexed Job and not a JobSet: an attempt is a single group of identical ranks,
+which an Indexed Job expresses fully, and every cluster has the Job controller; JobSet
+is another controller and CRD for a platform team to install, and its extras (several
+replicated groups, restarting the whole set) duplicate what the attempt loop already
+does. JobSet can come later as an optional backend.
+
+Deterministic names make creation idempotent: a second create answers 409. Everything
+here is pure: a FineTuneJob in, manifests (dicts) out.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from kubetune_trainer.config import ReportingConfig
@@ -20,20 +37,66 @@ from .translate import HUB_TOKEN_ENV, trainer_config
 
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 PROGRESS_PORT = 8080
+RENDEZVOUS_PORT = 29500  # torchrun's default master port
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TRAINER_UID = 10001
 JOB_LABEL = "kubetune.io/job"
 ATTEMPT_LABEL = "kubetune.io/attempt"
+SPEC_ANNOTATION = "kubetune.io/spec"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "trainer"}
 GRACE_SECONDS = 120  # time for the trainer to upload a checkpoint after SIGTERM
+# Set by the Job controller on each pod of an Indexed Job: torchrun's node rank.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+# Kueue's labels, copied from the FineTuneJob onto each attempt Job.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_LABELS = (QUEUE_LABEL, PRIORITY_LABEL)
+# A pod's hostname is "<attempt Job>-<index>" and must be a DNS label (63 characters);
+# indexes stay below 100 (spec.resources.nodes <= 64).
+MAX_ATTEMPT_NAME = 60
 
 
-def pod_name(job_name: str, attempt: int) -> str:
-    return f"{job_name}-attempt-{attempt}"
+def attempt_name(job_name: str, attempt: int) -> str:
+    """The Job of ``attempt``: ``<job>-attempt-<n>``, shortened with a hash if too long."""
+    name = f"{job_name}-attempt-{attempt}"
+    if len(name) <= MAX_ATTEMPT_NAME:
+        return name
+    suffix = f"-{hashlib.sha256(job_name.encode()).hexdigest()[:8]}-attempt-{attempt}"
+    return job_name[: MAX_ATTEMPT_NAME - len(suffix)].rstrip("-") + suffix
 
 
-def pod_selector(job_name: str) -> str:
+def service_name(job_name: str) -> str:
+    """The headless Service of a multi-node job (a DNS-1035 label: starts with a letter)."""
+    return f"ftj-{job_name}"
+
+
+def rank0_address(job_name: str, attempt: int) -> str:
+    """Rank 0's DNS name (resolved through the pod's search path in its namespace)."""
+    return f"{attempt_name(job_name, attempt)}-0.{service_name(job_name)}"
+
+
+def job_selector(job_name: str) -> str:
+    """Selects the attempt Jobs and the pods of one FineTuneJob."""
     return f"{JOB_LABEL}={job_name}"
+
+
+pod_selector = job_selector
+
+
+def kueue_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """The FineTuneJob's Kueue labels, which every attempt Job carries."""
+    return {k: v for k, v in (labels or {}).items() if k in KUEUE_LABELS}
+
+
+def _owner(job: FineTuneJob, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _env(job: FineTuneJob, config_json: str) -> list[dict[str, Any]]:
@@ -76,21 +139,44 @@ def _resources(job: FineTuneJob) -> dict[str, Any]:
     return {"limits": limits, "requests": requests} if limits else {}
 
 
-def trainer_pod(
-    job: FineTuneJob,
-    *,
-    uid: str,
-    attempt: int,
-    image: str,
-    deadline_seconds: int | None = None,
-) -> dict[str, Any]:
-    """The Pod manifest for one attempt of ``job``."""
-    name = job.metadata.name
+def _rank_env(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
+    """torchrun's settings, as its ``PET_*`` environment (one entry per command-line flag)."""
+    spec = job.spec
+    env = [
+        {"name": "PET_NNODES", "value": str(spec.resources.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(spec.processes_per_node)},
+    ]
+    if spec.resources.nodes == 1:
+        # One node: torchrun's standalone rendezvous on the pod's loopback (a free port).
+        return [*env, {"name": "PET_STANDALONE", "value": "1"}]
+    rank = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+    return [
+        *env,
+        {"name": "PET_NODE_RANK", "valueFrom": rank},
+        {"name": "PET_MASTER_ADDR", "value": rank0_address(job.metadata.name, attempt)},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+    ]
+
+
+def command(job: FineTuneJob) -> list[str]:
+    """One process runs the trainer directly; several run under torchrun."""
+    if job.spec.world_size == 1:
+        return ["python", "-m", "kubetune_trainer"]
+    return ["torchrun", "--module", "kubetune_trainer"]
+
+
+def _pod_spec(job: FineTuneJob, attempt: int, image: str) -> dict[str, Any]:
     config = trainer_config(
         job,
         reporting=ReportingConfig(progress_port=PROGRESS_PORT, progress_bar=False, loss_plot=True),
     )
     res = job.spec.resources
+    env = _env(job, config.model_dump_json(exclude_defaults=False))
+    ports = [{"name": "progress", "containerPort": PROGRESS_PORT}]
+    if job.spec.world_size > 1:
+        env += _rank_env(job, attempt)
+    if res.nodes > 1:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the trainer gets no Kubernetes API rights
@@ -107,9 +193,9 @@ def trainer_pod(
             {
                 "name": "trainer",
                 "image": job.spec.image or image,
-                "command": ["python", "-m", "kubetune_trainer"],
-                "env": _env(job, config.model_dump_json(exclude_defaults=False)),
-                "ports": [{"name": "progress", "containerPort": PROGRESS_PORT}],
+                "command": command(job),
+                "env": env,
+                "ports": ports,
                 "resources": _resources(job),
                 "terminationMessagePath": TERMINATION_MESSAGE_PATH,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -131,6 +217,8 @@ def trainer_pod(
             {"name": "scratch", "emptyDir": {}},
         ],
     }
+    if res.nodes > 1:
+        spec["subdomain"] = service_name(job.metadata.name)
     if res.nodeSelector:
         spec["nodeSelector"] = dict(res.nodeSelector)
     if res.tolerations:
@@ -139,25 +227,75 @@ def trainer_pod(
         spec["affinity"] = res.affinity
     if res.priorityClassName:
         spec["priorityClassName"] = res.priorityClassName
+    return spec
+
+
+def attempt_job(
+    job: FineTuneJob,
+    *,
+    uid: str,
+    attempt: int,
+    image: str,
+    labels: Mapping[str, str] | None = None,
+    deadline_seconds: int | None = None,
+    started_spec: str | None = None,
+) -> dict[str, Any]:
+    """The Indexed Job of one attempt of ``job``.
+
+    ``labels`` are the FineTuneJob's own labels: its Kueue labels are copied, and then
+    the Job is created suspended for Kueue to admit (the operator never un-suspends it,
+    and never edits its template: Kueue injects node selectors on admission).
+    ``started_spec`` (the spec the attempt runs with, as JSON) is kept as an annotation.
+    """
+    name = job.metadata.name
+    nodes = job.spec.resources.nodes
+    queue = kueue_labels(labels)
+    pod_labels = {**MANAGED_BY, JOB_LABEL: name, ATTEMPT_LABEL: str(attempt)}
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,  # one Job is one attempt; the operator decides on retries
+        "podReplacementPolicy": "Failed",
+        "suspend": QUEUE_LABEL in queue,
+        "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(job, attempt, image)},
+    }
     if deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = max(1, deadline_seconds)
+    metadata: dict[str, Any] = {
+        "name": attempt_name(name, attempt),
+        "namespace": job.metadata.namespace,
+        "labels": {**pod_labels, **queue},
+        "ownerReferences": [_owner(job, uid)],
+    }
+    if started_spec is not None:
+        metadata["annotations"] = {SPEC_ANNOTATION: started_spec}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def rank_service(job: FineTuneJob, *, uid: str) -> dict[str, Any] | None:
+    """The headless Service that gives rank 0 a DNS name (multi-node jobs only).
+
+    One per FineTuneJob, shared by its attempts: each attempt's pods have hostnames of
+    their own. ``publishNotReadyAddresses`` because the trainer has no readiness probe and
+    rendezvous happens before anything could be ready.
+    """
+    if job.spec.resources.nodes == 1:
+        return None
+    name = job.metadata.name
     return {
         "apiVersion": "v1",
-        "kind": "Pod",
+        "kind": "Service",
         "metadata": {
-            "name": pod_name(name, attempt),
+            "name": service_name(name),
             "namespace": job.metadata.namespace,
-            "labels": {**MANAGED_BY, JOB_LABEL: name, ATTEMPT_LABEL: str(attempt)},
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": name,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "labels": {**MANAGED_BY, JOB_LABEL: name},
+            "ownerReferences": [_owner(job, uid)],
         },
-        "spec": spec,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {**MANAGED_BY, JOB_LABEL: name},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+        },
     }

@@ -287,10 +287,10 @@ def test_restricted_check_catches_violations(default: list[dict[str, Any]]) -> N
 def test_trainer_pods_are_restricted_too() -> None:
     """The pods the operator creates run under the same profile (the namespace may enforce it)."""
     from kubetune_operator.api.validation import parse_manifest
-    from kubetune_operator.workload import trainer_pod
+    from kubetune_operator.workload import attempt_job
 
     job = parse_manifest(yaml.safe_load((ROOT / "examples" / "llama-8b-qlora.yaml").read_text()))
-    pod = trainer_pod(job, uid="u", attempt=1, image="trainer:test")
+    pod = attempt_job(job, uid="u", attempt=1, image="trainer:test")["spec"]["template"]
     assert restricted_violations(pod["spec"]) == []
 
 
@@ -372,10 +372,13 @@ EXPECTED_RULES = [
     },
     {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
     {
-        "apiGroups": [""],
-        "resources": ["pods"],
-        "verbs": ["create", "list", "watch", "delete"],
+        "apiGroups": ["batch"],
+        "resources": ["jobs"],
+        "verbs": ["create", "list", "watch", "patch", "delete"],
     },
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 
@@ -435,11 +438,15 @@ def test_rbac_owner_reference_enforcement_adds_only_finalizers() -> None:
 
 
 def _trainer_pod() -> dict[str, Any]:
+    """The pod template of an attempt Job (what the Job controller makes pods from)."""
     from kubetune_operator.api.validation import parse_manifest
-    from kubetune_operator.workload import trainer_pod
+    from kubetune_operator.workload import attempt_job
 
     job = parse_manifest(yaml.safe_load((ROOT / "examples" / "llama-8b-qlora.yaml").read_text()))
-    return trainer_pod(job, uid="u", attempt=1, image="trainer:test")
+    template: dict[str, Any] = attempt_job(job, uid="u", attempt=1, image="trainer:test")["spec"][
+        "template"
+    ]
+    return template
 
 
 def test_network_policy_lets_only_the_operator_reach_trainer_progress(
@@ -458,7 +465,9 @@ def test_network_policy_lets_only_the_operator_reach_trainer_progress(
     assert spec["policyTypes"] == ["Ingress"]  # egress untouched
     assert spec["podSelector"]["matchLabels"].items() <= trainer["metadata"]["labels"].items()
     assert not spec["podSelector"]["matchLabels"].items() <= operator_labels.items()
-    [rule] = spec["ingress"]
+    rule, ranks = spec["ingress"]
+    # The ranks of a multi-node job reach each other (rendezvous, NCCL/gloo: any port).
+    assert ranks == {"from": [{"podSelector": spec["podSelector"]}]}
     assert rule["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
     [peer] = rule["from"]
     assert peer["namespaceSelector"] == {
@@ -469,8 +478,8 @@ def test_network_policy_lets_only_the_operator_reach_trainer_progress(
     policies = of_kind(custom, "NetworkPolicy")
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
     for policy in policies:  # the PodMonitor is on: Prometheus may scrape the trainers
-        assert len(policy["spec"]["ingress"]) == 2
-        assert policy["spec"]["ingress"][1]["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
+        assert len(policy["spec"]["ingress"]) == 3
+        assert policy["spec"]["ingress"][2]["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
 
 
 def test_network_policy_can_be_turned_off() -> None:

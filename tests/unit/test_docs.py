@@ -103,7 +103,7 @@ def _reconcile_reasons() -> set[str]:
             position = {"Failure": 0, "_fail": 2, "condition": 2, "state": 1}.get(name)
             if position is not None and len(node.args) > position:
                 literal(node.args[position])
-        elif isinstance(node, ast.FunctionDef) and node.name == "_pending_reason":
+        elif isinstance(node, ast.FunctionDef) and node.name in ("_pending_reason", "_pod_pending_reason"):
             for ret in ast.walk(node):
                 if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Tuple):
                     literal(ret.value.elts[0])
@@ -111,7 +111,7 @@ def _reconcile_reasons() -> set[str]:
 
 
 NORMAL = {"Valid", "AttemptCreated", "Pending", "Training", "Retrying", "Completed", "Resumed"}
-NORMAL |= {"SpecUnchanged"}
+NORMAL |= {"SpecUnchanged", "Admitted", "PendingAdmission", "AttemptFailed"}
 BRIEF = {  # the reasons users meet most; each must have its own section
     "InvalidSpec",
     "Unschedulable",

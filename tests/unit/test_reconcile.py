@@ -1,4 +1,5 @@
-"""The operator's decisions, from a job and its pods to the next action. No API server."""
+"""The operator's decisions, from a job, its attempt Jobs and their pods to the next action.
+No API server."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from typing import Any
 
 import pytest
 
-from kubetune_operator.reconcile import SPEC_ANNOTATION, reconcile
-from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL
+from kubetune_operator.reconcile import reconcile
+from kubetune_operator.workload import (
+    ATTEMPT_LABEL,
+    COMPLETION_INDEX,
+    JOB_LABEL,
+    QUEUE_LABEL,
+    SPEC_ANNOTATION,
+)
 from kubetune_trainer.errors import ExitCode
 
 pytestmark = pytest.mark.unit
@@ -18,7 +25,12 @@ NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 IMAGE = "trainer:test"
 
 
-def _job(status: dict[str, Any] | None = None, generation: int = 1, **spec: Any) -> dict:
+def _job(
+    status: dict[str, Any] | None = None,
+    generation: int = 1,
+    labels: dict[str, str] | None = None,
+    **spec: Any,
+) -> dict:
     base: dict[str, Any] = {
         "model": {"source": "hf://org/model"},
         "dataset": {"sources": ["s3://data/train.jsonl"]},
@@ -28,42 +40,89 @@ def _job(status: dict[str, Any] | None = None, generation: int = 1, **spec: Any)
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
-        "metadata": {"name": "job", "namespace": "ns", "uid": "u-1", "generation": generation},
+        "metadata": {
+            "name": "job",
+            "namespace": "ns",
+            "uid": "u-1",
+            "generation": generation,
+            "labels": labels or {},
+        },
         "spec": base,
         "status": status or {},
     }
 
 
-def _pod(attempt: int, phase: str, spec_json: str | None = None, **status: Any) -> dict:
-    annotations = {SPEC_ANNOTATION: spec_json} if spec_json else {}
+def _attempt(
+    attempt: int,
+    *,
+    nodes: int = 1,
+    spec_json: str | None = None,
+    suspend: bool = False,
+    condition: str | None = None,
+    reason: str = "",
+    queue: str | None = None,
+) -> dict:
+    """An attempt Job as the Job controller reports it (condition: Complete or Failed)."""
+    labels = {JOB_LABEL: "job", ATTEMPT_LABEL: str(attempt)}
+    if queue:
+        labels[QUEUE_LABEL] = queue
+    conditions = [{"type": condition, "status": "True", "reason": reason}] if condition else []
     return {
         "metadata": {
             "name": f"job-attempt-{attempt}",
+            "uid": f"job-uid-{attempt}",
+            "labels": labels,
+            "annotations": {SPEC_ANNOTATION: spec_json} if spec_json else {},
+        },
+        "spec": {"completions": nodes, "parallelism": nodes, "suspend": suspend},
+        "status": {"conditions": conditions},
+    }
+
+
+def _pod(attempt: int, phase: str, index: int = 0, **status: Any) -> dict:
+    return {
+        "metadata": {
+            "name": f"job-attempt-{attempt}-{index}-abcde",
             "labels": {JOB_LABEL: "job", ATTEMPT_LABEL: str(attempt)},
-            "annotations": annotations,
+            "annotations": {COMPLETION_INDEX: str(index)},
         },
         "status": {"phase": phase, **status},
     }
 
 
-def _terminated(code: int, message: dict | str | None = None, reason: str = "Error") -> dict:
+def _terminated(
+    code: int, message: dict | str | None = None, reason: str = "Error", at: str = ""
+) -> dict:
     text = json.dumps(message) if isinstance(message, dict) else message
-    return {
-        "containerStatuses": [
-            {"state": {"terminated": {"exitCode": code, "reason": reason, "message": text}}}
-        ]
-    }
+    terminated = {"exitCode": code, "reason": reason, "message": text, "finishedAt": at}
+    return {"containerStatuses": [{"state": {"terminated": terminated}}]}
+
+
+def _error(code: ExitCode, message: str = "boom") -> dict:
+    return {"error": {"reason": code.reason, "message": message, "exitCode": int(code)}}
 
 
 def _condition(decision, type_: str) -> dict:
     return next(c for c in decision.status["conditions"] if c["type"] == type_)
 
 
-def test_new_valid_job_creates_first_attempt() -> None:
-    decision = reconcile(_job(), [], image=IMAGE, now=NOW)
-    pod = decision.create_pod
-    assert pod is not None and pod["metadata"]["name"] == "job-attempt-1"
-    assert pod["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+def _started_spec() -> str:
+    return reconcile(_job(), [], [], image=IMAGE, now=NOW).create_job["metadata"]["annotations"][
+        SPEC_ANNOTATION
+    ]
+
+
+RUNNING = {"state": "Running", "attempts": 1}
+
+
+def test_new_valid_job_creates_first_attempt_job() -> None:
+    decision = reconcile(_job(), [], [], image=IMAGE, now=NOW)
+    job = decision.create_job
+    assert job is not None and job["metadata"]["name"] == "job-attempt-1"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["suspend"] is False
+    assert decision.create_service is None  # one node: no rendezvous Service
     assert decision.status["state"] == "Pending"
     assert decision.status["attempts"] == 1
     assert decision.status["startTime"] == "2026-11-23T12:00:00Z"
@@ -72,9 +131,20 @@ def test_new_valid_job_creates_first_attempt() -> None:
     assert [e.reason for e in decision.events] == ["AttemptCreated"]
 
 
-def test_invalid_spec_gets_condition_naming_the_field_and_no_pod() -> None:
-    decision = reconcile(_job(method={"type": "lora", "lora": {"r": 0}}), [], image=IMAGE, now=NOW)
-    assert decision.create_pod is None
+def test_multi_node_job_gets_one_pod_per_node_and_a_rank0_service() -> None:
+    decision = reconcile(_job(resources={"nodes": 3, "gpus": 8}), [], [], image=IMAGE, now=NOW)
+    assert decision.create_job["spec"]["completions"] == 3
+    assert decision.create_job["spec"]["parallelism"] == 3
+    service = decision.create_service
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_invalid_spec_gets_condition_naming_the_field_and_no_job() -> None:
+    decision = reconcile(
+        _job(method={"type": "lora", "lora": {"r": 0}}), [], [], image=IMAGE, now=NOW
+    )
+    assert decision.create_job is None
     assert decision.status["state"] == "Invalid"
     accepted = _condition(decision, "Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
@@ -82,26 +152,55 @@ def test_invalid_spec_gets_condition_naming_the_field_and_no_pod() -> None:
     assert decision.events[0].type == "Warning"
 
 
+def test_qlora_under_fsdp_is_invalid_naming_the_field() -> None:
+    decision = reconcile(
+        _job(method={"type": "qlora"}, distributed={"strategy": "fsdp"}),
+        [],
+        [],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert decision.create_job is None
+    assert "spec.distributed.strategy" in decision.status["message"]
+
+
 def test_cluster_jobs_need_s3_output() -> None:
-    decision = reconcile(_job(output={"uri": "/tmp/out"}), [], image=IMAGE, now=NOW)
-    assert decision.create_pod is None
+    decision = reconcile(_job(output={"uri": "/tmp/out"}), [], [], image=IMAGE, now=NOW)
+    assert decision.create_job is None
     assert "spec.output.uri: must be an s3:// URI" in decision.status["message"]
 
 
 def test_existing_attempt_is_observed_not_recreated() -> None:
-    first = reconcile(_job(), [], image=IMAGE, now=NOW)
-    job = _job(status=first.status)
-    again = reconcile(job, [_pod(1, "Pending")], image=IMAGE, now=NOW)
-    assert again.create_pod is None
+    first = reconcile(_job(), [], [], image=IMAGE, now=NOW)
+    again = reconcile(_job(first.status), [_attempt(1)], [], image=IMAGE, now=NOW)
+    assert again.create_job is None
     assert again.events == []  # nothing new to say
+    assert again.status["message"] == "attempt 1 is waiting for its pods"
 
 
 def test_running_pod_sets_running_state() -> None:
     decision = reconcile(
-        _job({"state": "Pending", "attempts": 1}), [_pod(1, "Running")], image=IMAGE, now=NOW
+        _job({"state": "Pending", "attempts": 1}),
+        [_attempt(1)],
+        [_pod(1, "Running")],
+        image=IMAGE,
+        now=NOW,
     )
     assert decision.status["state"] == "Running"
     assert _condition(decision, "Running")["status"] == "True"
+
+
+def test_a_multi_node_attempt_runs_when_every_rank_runs() -> None:
+    job = _job({"state": "Pending", "attempts": 1}, resources={"nodes": 2})
+    one = reconcile(
+        job, [_attempt(1, nodes=2)], [_pod(1, "Running", 0), _pod(1, "Pending", 1)], image=IMAGE
+    )
+    assert one.status["state"] == "Pending"
+    both = reconcile(
+        job, [_attempt(1, nodes=2)], [_pod(1, "Running", 0), _pod(1, "Running", 1)], image=IMAGE
+    )
+    assert both.status["state"] == "Running"
+    assert "on 2 nodes" in both.status["message"]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +232,7 @@ def test_running_pod_sets_running_state() -> None:
 def test_pending_reasons_a_user_can_act_on(pod_status: dict, reason: str) -> None:
     decision = reconcile(
         _job({"state": "Pending", "attempts": 1}),
+        [_attempt(1)],
         [_pod(1, "Pending", **pod_status)],
         image=IMAGE,
         now=NOW,
@@ -141,14 +241,18 @@ def test_pending_reasons_a_user_can_act_on(pod_status: dict, reason: str) -> Non
     assert decision.events and decision.events[0].type == "Warning"
 
 
-def test_success_records_artifact_and_metrics() -> None:
+def test_success_records_rank0s_artifact_and_metrics() -> None:
     result = {
         "artifact": {"uri": "s3://out/job/adapter", "digest": "sha256:ab", "sizeBytes": 10},
         "metrics": {"train_loss": 1.5, "eval_loss": 1.7, "perplexity": 5.4},
     }
     decision = reconcile(
-        _job({"state": "Running", "attempts": 1}),
-        [_pod(1, "Succeeded", **_terminated(0, result, "Completed"))],
+        _job(RUNNING, resources={"nodes": 2}),
+        [_attempt(1, nodes=2, condition="Complete")],
+        [
+            _pod(1, "Succeeded", 1, **_terminated(0, None, "Completed")),
+            _pod(1, "Succeeded", 0, **_terminated(0, result, "Completed")),
+        ],
         image=IMAGE,
         now=NOW,
     )
@@ -157,6 +261,17 @@ def test_success_records_artifact_and_metrics() -> None:
     assert decision.status["metrics"] == {"trainLoss": 1.5, "evalLoss": 1.7, "perplexity": 5.4}
     assert _condition(decision, "Succeeded")["status"] == "True"
     assert decision.status["completionTime"] == "2026-11-23T12:00:00Z"
+
+
+def test_a_failed_pod_is_not_acted_on_before_the_job_controller_fails_the_attempt() -> None:
+    decision = reconcile(
+        _job(RUNNING),
+        [_attempt(1)],
+        [_pod(1, "Failed", **_terminated(1, _error(ExitCode.DATASET_INVALID)))],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert decision.create_job is None and decision.status["state"] == "Running"
 
 
 def test_non_retryable_exit_fails_at_once_with_the_trainers_reason() -> None:
@@ -168,81 +283,216 @@ def test_non_retryable_exit_fails_at_once_with_the_trainers_reason() -> None:
         }
     }
     decision = reconcile(
-        _job({"state": "Running", "attempts": 1}),
+        _job(RUNNING),
+        [_attempt(1, condition="Failed", reason="BackoffLimitExceeded")],
         [_pod(1, "Failed", **_terminated(ExitCode.DATASET_INVALID, error))],
         image=IMAGE,
         now=NOW,
     )
-    assert decision.create_pod is None
+    assert decision.create_job is None
     failed = _condition(decision, "Failed")
     assert failed["reason"] == "DatasetInvalid"
     assert "2 of 6 rows miss 'output' (hint: fix the rows)" in failed["message"]
 
 
-def test_retryable_exit_starts_next_attempt_with_the_started_spec() -> None:
-    started = json.dumps({"started": "spec"})
-    job = _job({"state": "Running", "attempts": 1, "lastCheckpoint": {"step": 40}})
-    original = reconcile(_job(), [], image=IMAGE, now=NOW).create_pod
-    started = original["metadata"]["annotations"][SPEC_ANNOTATION]
+def test_the_trainers_exit_code_wins_over_torchruns() -> None:
+    """torchrun exits 1 for any failed rank; the trainer's code is in its report."""
     decision = reconcile(
-        job,
-        [_pod(1, "Failed", started, **_terminated(ExitCode.STORAGE_UNAVAILABLE))],
+        _job(RUNNING, resources={"nodes": 2}),
+        [_attempt(1, nodes=2, condition="Failed", reason="BackoffLimitExceeded")],
+        [
+            # rank 0 was stopped by the Job controller after rank 1 failed: look past it
+            _pod(1, "Failed", 0, **_terminated(1, _error(ExitCode.PREEMPTED), at="12:00:05")),
+            _pod(1, "Failed", 1, **_terminated(1, _error(ExitCode.DATASET_INVALID), at="12:00:09")),
+        ],
         image=IMAGE,
         now=NOW,
     )
-    assert decision.create_pod["metadata"]["name"] == "job-attempt-2"
-    assert decision.create_pod["metadata"]["annotations"][SPEC_ANNOTATION] == started
+    assert decision.create_job is None
+    assert _condition(decision, "Failed")["reason"] == "DatasetInvalid"
+
+
+def test_retryable_failure_waits_for_every_rank_to_stop_then_retries_with_started_spec() -> None:
+    started = _started_spec()
+    job = _job({**RUNNING, "lastCheckpoint": {"step": 40}}, resources={"nodes": 2})
+    attempt = _attempt(1, nodes=2, spec_json=started, condition="Failed", reason="X")
+    failed = _pod(1, "Failed", 1, **_terminated(1, _error(ExitCode.STORAGE_UNAVAILABLE)))
+    waiting = reconcile(job, [attempt], [failed, _pod(1, "Running", 0)], image=IMAGE, now=NOW)
+    assert waiting.create_job is None
+    assert _condition(waiting, "Running")["reason"] == "AttemptFailed"
+
+    decision = reconcile(job, [attempt], [failed], image=IMAGE, now=NOW)
+    assert decision.create_job["metadata"]["name"] == "job-attempt-2"
+    assert decision.create_job["metadata"]["annotations"][SPEC_ANNOTATION] == started
     assert decision.status["state"] == "Retrying"
+    assert decision.status["attempts"] == 2
     assert "resuming from checkpoint step 40" in decision.status["message"]
 
 
 def test_retries_stop_at_retry_limit() -> None:
     job = _job({"state": "Running", "attempts": 3}, retryLimit=2)
+    jobs = [_attempt(i, condition="Failed", reason="BackoffLimitExceeded") for i in (1, 2, 3)]
     pods = [_pod(i, "Failed", **_terminated(137, None)) for i in (1, 2, 3)]
-    decision = reconcile(job, pods, image=IMAGE, now=NOW)
-    assert decision.create_pod is None
+    decision = reconcile(job, jobs, pods, image=IMAGE, now=NOW)
+    assert decision.create_job is None
     assert _condition(decision, "Failed")["reason"] == "BackoffLimitExceeded"
 
 
 def test_oom_killed_is_not_retried() -> None:
     decision = reconcile(
-        _job({"state": "Running", "attempts": 1}),
+        _job(RUNNING),
+        [_attempt(1, condition="Failed", reason="BackoffLimitExceeded")],
         [_pod(1, "Failed", **_terminated(137, None, "OOMKilled"))],
         image=IMAGE,
         now=NOW,
     )
-    assert decision.create_pod is None
+    assert decision.create_job is None
     assert _condition(decision, "Failed")["reason"] == "OOMKilled"
     assert "spec.resources.memory" in decision.status["message"]
 
 
-def test_deadline_exceeded_fails_and_stops_the_pod() -> None:
+def test_deadline_exceeded_fails_and_stops_the_attempt() -> None:
     start = (NOW - timedelta(seconds=120)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    job = _job({"state": "Running", "attempts": 1, "startTime": start}, activeDeadlineSeconds=60)
-    decision = reconcile(job, [_pod(1, "Running")], image=IMAGE, now=NOW)
-    assert decision.delete_pods == ["job-attempt-1"]
+    job = _job({**RUNNING, "startTime": start}, activeDeadlineSeconds=60)
+    decision = reconcile(job, [_attempt(1)], [_pod(1, "Running")], image=IMAGE, now=NOW)
+    assert decision.delete_jobs == ["job-attempt-1"]
     assert _condition(decision, "Failed")["reason"] == "DeadlineExceeded"
 
 
-def test_suspend_stops_the_pod_and_resume_starts_a_new_attempt() -> None:
-    running = _job({"state": "Running", "attempts": 1}, suspend=True)
-    decision = reconcile(running, [_pod(1, "Running")], image=IMAGE, now=NOW)
-    assert decision.delete_pods == ["job-attempt-1"]
-    assert decision.status["state"] == "Suspended"
+def test_the_job_controllers_deadline_is_not_retried() -> None:
+    decision = reconcile(
+        _job(RUNNING, activeDeadlineSeconds=600),
+        [_attempt(1, condition="Failed", reason="DeadlineExceeded")],
+        [],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert decision.create_job is None
+    assert _condition(decision, "Failed")["reason"] == "DeadlineExceeded"
 
-    resumed = reconcile(_job(decision.status, suspend=False), [], image=IMAGE, now=NOW)
-    assert resumed.create_pod["metadata"]["name"] == "job-attempt-2"
+
+def test_the_remaining_deadline_goes_on_the_next_attempt_job() -> None:
+    start = (NOW - timedelta(seconds=100)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    job = _job({**RUNNING, "startTime": start}, activeDeadlineSeconds=600)
+    decision = reconcile(job, [_attempt(1, condition="Failed")], [], image=IMAGE, now=NOW)
+    assert decision.create_job["spec"]["activeDeadlineSeconds"] == 500
+
+
+def test_a_deleted_attempt_job_is_retried() -> None:
+    decision = reconcile(_job(RUNNING), [], [], image=IMAGE, now=NOW)
+    assert decision.create_job["metadata"]["name"] == "job-attempt-2"
+    assert decision.status["state"] == "Retrying"
+    assert "AttemptDeleted" in decision.status["message"]
+
+
+def test_suspend_suspends_the_attempt_job_and_resume_starts_a_new_attempt() -> None:
+    running = _job(RUNNING, suspend=True)
+    decision = reconcile(running, [_attempt(1)], [_pod(1, "Running")], image=IMAGE, now=NOW)
+    assert decision.suspend_jobs == ["job-attempt-1"] and decision.delete_jobs == []
+    assert decision.status["state"] == "Suspended"
+    assert "stopping attempt 1" in decision.status["message"]
+
+    stopped = reconcile(
+        _job(decision.status, suspend=True), [_attempt(1, suspend=True)], [], image=IMAGE, now=NOW
+    )
+    assert stopped.suspend_jobs == []
+    assert "set spec.suspend to false" in stopped.status["message"]
+
+    resumed = reconcile(
+        _job(stopped.status, suspend=False), [_attempt(1, suspend=True)], [], image=IMAGE, now=NOW
+    )
+    assert resumed.create_job["metadata"]["name"] == "job-attempt-2"
+    assert resumed.delete_jobs == ["job-attempt-1"]
     assert _condition(resumed, "Suspended")["status"] == "False"
 
 
-def test_spec_change_while_running_is_reported_not_applied() -> None:
-    first = reconcile(_job(), [], image=IMAGE, now=NOW).create_pod
-    started = first["metadata"]["annotations"][SPEC_ANNOTATION]
-    changed = _job(
-        {"state": "Running", "attempts": 1}, generation=2, training={"learningRate": "1e-3"}
+def test_suspend_deletes_a_queued_attempt_job_kueue_owns_its_suspension() -> None:
+    job = _job(RUNNING, labels={QUEUE_LABEL: "team-a"}, suspend=True)
+    decision = reconcile(job, [_attempt(1, queue="team-a")], [], image=IMAGE, now=NOW)
+    assert decision.delete_jobs == ["job-attempt-1"] and decision.suspend_jobs == []
+
+
+def test_a_queued_job_is_created_suspended_with_kueue_labels() -> None:
+    labels = {QUEUE_LABEL: "team-a", "kueue.x-k8s.io/priority-class": "high", "team": "x"}
+    decision = reconcile(_job(labels=labels), [], [], image=IMAGE, now=NOW)
+    job = decision.create_job
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert "team" not in job["metadata"]["labels"]
+    assert decision.status["state"] == "Queued"
+    assert _condition(decision, "Queued")["reason"] == "PendingAdmission"
+
+
+def _workload(conditions: list[dict]) -> dict:
+    return {
+        "metadata": {"ownerReferences": [{"kind": "Job", "name": "job-attempt-1"}]},
+        "status": {"conditions": conditions},
+    }
+
+
+def test_queued_shows_kueues_own_message_and_admission_clears_it() -> None:
+    labels = {QUEUE_LABEL: "team-a"}
+    created = reconcile(_job(labels=labels), [], [], image=IMAGE, now=NOW)
+    pending = _workload(
+        [{"type": "QuotaReserved", "status": "False", "message": "insufficient quota for gpu"}]
     )
-    decision = reconcile(changed, [_pod(1, "Running", started)], image=IMAGE, now=NOW)
-    assert decision.create_pod is None and decision.delete_pods == []
+    job = _job(created.status, labels=labels)
+    queued = reconcile(
+        job, [_attempt(1, suspend=True, queue="team-a")], [], [pending], image=IMAGE, now=NOW
+    )
+    assert queued.status["state"] == "Queued"
+    assert "insufficient quota for gpu" in _condition(queued, "Queued")["message"]
+    assert queued.create_job is None and queued.events == []
+
+    admitted = reconcile(
+        _job(queued.status, labels=labels),
+        [_attempt(1, queue="team-a")],
+        [_pod(1, "Running")],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert admitted.status["state"] == "Running"
+    assert _condition(admitted, "Queued")["status"] == "False"
+
+
+def test_preemption_is_reported_and_consumes_no_attempt() -> None:
+    labels = {QUEUE_LABEL: "team-a"}
+    evicted = _workload(
+        [{"type": "Evicted", "status": "True", "reason": "Preempted", "message": "higher prio"}]
+    )
+    decision = reconcile(
+        _job({**RUNNING, "lastCheckpoint": {"step": 6}}, labels=labels),
+        [_attempt(1, suspend=True, queue="team-a")],
+        [],
+        [evicted],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert decision.create_job is None and decision.delete_jobs == []
+    assert decision.status["state"] == "Queued"
+    assert decision.status["attempts"] == 1
+    assert _condition(decision, "Queued")["reason"] == "Preempted"
+    assert "from checkpoint step 6" in decision.status["message"]
+    assert [(e.type, e.reason) for e in decision.events] == [("Warning", "Preempted")]
+    # Without Kueue's Workload (no RBAC, or not installed) it is still recognised.
+    again = reconcile(
+        _job(decision.status, labels=labels),
+        [_attempt(1, suspend=True, queue="team-a")],
+        [],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert _condition(again, "Queued")["reason"] == "Preempted" and again.events == []
+
+
+def test_spec_change_while_running_is_reported_not_applied() -> None:
+    started = _started_spec()
+    changed = _job(RUNNING, generation=2, training={"learningRate": "1e-3"})
+    decision = reconcile(
+        changed, [_attempt(1, spec_json=started)], [_pod(1, "Running")], image=IMAGE, now=NOW
+    )
+    assert decision.create_job is None and decision.delete_jobs == []
     condition = _condition(decision, "SpecChangeIgnored")
     assert condition["status"] == "True" and condition["observedGeneration"] == 2
     assert decision.status["observedGeneration"] == 2
@@ -250,17 +500,30 @@ def test_spec_change_while_running_is_reported_not_applied() -> None:
 
 def test_terminal_jobs_stay_terminal() -> None:
     decision = reconcile(
-        _job({"state": "Succeeded", "attempts": 1}), [_pod(1, "Succeeded")], image=IMAGE, now=NOW
+        _job({"state": "Succeeded", "attempts": 1}),
+        [_attempt(1, condition="Complete")],
+        [_pod(1, "Succeeded")],
+        image=IMAGE,
+        now=NOW,
     )
-    assert decision.create_pod is None and decision.events == []
+    assert decision.create_job is None and decision.events == []
+    assert decision.delete_jobs == []
 
 
 def test_condition_transition_time_kept_when_status_unchanged() -> None:
     first = reconcile(
-        _job({"state": "Pending", "attempts": 1}), [_pod(1, "Running")], image=IMAGE, now=NOW
+        _job({"state": "Pending", "attempts": 1}),
+        [_attempt(1)],
+        [_pod(1, "Running")],
+        image=IMAGE,
+        now=NOW,
     )
     later = reconcile(
-        _job(first.status), [_pod(1, "Running")], image=IMAGE, now=NOW + timedelta(minutes=5)
+        _job(first.status),
+        [_attempt(1)],
+        [_pod(1, "Running")],
+        image=IMAGE,
+        now=NOW + timedelta(minutes=5),
     )
     assert _condition(later, "Running")["lastTransitionTime"] == "2026-11-23T12:00:00Z"
     assert later.status == first.status  # a stable status: nothing to write

@@ -1,28 +1,70 @@
-"""The trainer pod: restricted security, secrets by reference, placement from the spec."""
+"""The attempt Job: restricted pods, secrets by reference, placement from the spec, torchrun's
+rank wiring, Kueue labels, DNS-safe names."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import yaml
 
 from kubetune_operator.api.validation import parse_manifest
-from kubetune_operator.workload import trainer_pod
+from kubetune_operator.workload import (
+    COMPLETION_INDEX,
+    QUEUE_LABEL,
+    RENDEZVOUS_PORT,
+    attempt_job,
+    attempt_name,
+    rank0_address,
+    rank_service,
+    service_name,
+)
 from kubetune_trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.unit
 
 
-def _pod() -> dict:
+def _manifest() -> dict[str, Any]:
     with open("examples/llama-8b-qlora.yaml") as handle:
-        job = parse_manifest(yaml.safe_load(handle))
-    return trainer_pod(job, uid="uid-1", attempt=2, image="trainer:1", deadline_seconds=500)
+        return yaml.safe_load(handle)
+
+
+def _job(**labels: str) -> dict[str, Any]:
+    job = parse_manifest(_manifest())
+    return attempt_job(
+        job, uid="uid-1", attempt=2, image="trainer:1", deadline_seconds=500, labels=labels
+    )
+
+
+def _pod() -> dict[str, Any]:
+    template: dict[str, Any] = _job()["spec"]["template"]
+    return template
+
+
+def _env(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_one_attempt_is_one_indexed_job_that_never_retries_by_itself() -> None:
+    job = _job()
+    spec = job["spec"]
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 1
+    assert spec["backoffLimit"] == 0
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["suspend"] is False  # no queue: runs at once
+    assert spec["activeDeadlineSeconds"] == 500
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["metadata"]["name"] == "llama3-8b-support-qlora-attempt-2"
+    assert job["metadata"]["ownerReferences"][0]["controller"] is True
+    assert job["metadata"]["labels"]["kubetune.io/job"] == "llama3-8b-support-qlora"
+    assert job["metadata"]["labels"]["kubetune.io/attempt"] == "2"
 
 
 def test_pod_runs_restricted_and_without_api_rights() -> None:
-    pod = _pod()
-    spec = pod["spec"]
+    spec = _pod()["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -30,12 +72,11 @@ def test_pod_runs_restricted_and_without_api_rights() -> None:
     security = container["securityContext"]
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}
-    assert spec["restartPolicy"] == "Never"
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in spec["volumes"]
 
 
 def test_secrets_reach_the_pod_only_by_reference() -> None:
-    env = {e["name"]: e for e in _pod()["spec"]["containers"][0]["env"]}
+    env = _env(_pod())
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
         "name": "s3-credentials",
         "key": "AWS_ACCESS_KEY_ID",
@@ -61,16 +102,89 @@ def test_placement_resources_and_identity_come_from_the_spec() -> None:
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     ]
     assert spec["priorityClassName"] == "ml-training"
-    assert spec["activeDeadlineSeconds"] == 500
-    assert pod["metadata"]["name"] == "llama3-8b-support-qlora-attempt-2"
     assert pod["metadata"]["labels"]["kubetune.io/job"] == "llama3-8b-support-qlora"
-    assert pod["metadata"]["ownerReferences"][0]["controller"] is True
     assert "hf_" not in json.dumps(pod)  # no secret values, only references
 
 
-def test_pod_is_accepted_by_the_kubernetes_client_models() -> None:
-    """The client validates request bodies: quantities must be strings, not ints."""
-    from kubernetes.client import ApiClient, V1Pod
+def test_one_process_runs_the_trainer_directly() -> None:
+    pod = _pod()
+    assert pod["spec"]["containers"][0]["command"] == ["python", "-m", "kubetune_trainer"]
+    assert not any(name.startswith("PET_") for name in _env(pod))
+    assert "subdomain" not in pod["spec"]
 
-    pod = ApiClient()._ApiClient__deserialize(_pod(), V1Pod)
-    assert pod.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+
+def test_several_gpus_on_one_node_run_under_torchrun_standalone() -> None:
+    manifest = _manifest()
+    manifest["spec"]["resources"]["gpus"] = 8
+    pod = attempt_job(parse_manifest(manifest), uid="u", attempt=1, image="t")["spec"]["template"]
+    env = _env(pod)
+    assert pod["spec"]["containers"][0]["command"] == ["torchrun", "--module", "kubetune_trainer"]
+    assert env["PET_NNODES"]["value"] == "1" and env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert env["PET_STANDALONE"]["value"] == "1"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_several_nodes_get_rank_wiring_from_the_downward_api() -> None:
+    manifest = _manifest()
+    manifest["spec"]["resources"].update(nodes=4, gpus=8)
+    ftj = parse_manifest(manifest)
+    job = attempt_job(ftj, uid="u", attempt=3, image="t")
+    pod = job["spec"]["template"]
+    env = _env(pod)
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    assert env["PET_NNODES"]["value"] == "4" and env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        f"metadata.annotations['{COMPLETION_INDEX}']"
+    )
+    service = service_name("llama3-8b-support-qlora")
+    assert env["PET_MASTER_ADDR"]["value"] == f"llama3-8b-support-qlora-attempt-3-0.{service}"
+    assert env["PET_MASTER_PORT"]["value"] == str(RENDEZVOUS_PORT)
+    assert pod["spec"]["subdomain"] == service
+    assert {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT} in pod["spec"]["containers"][0][
+        "ports"
+    ]
+    headless = rank_service(ftj, uid="u")
+    assert headless is not None and headless["metadata"]["name"] == service
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+
+def test_cpu_jobs_run_processes_per_node() -> None:
+    manifest = _manifest()
+    manifest["spec"]["resources"].update(nodes=2, gpus=0)
+    manifest["spec"]["method"] = {"type": "lora"}
+    manifest["spec"]["distributed"] = {"processesPerNode": 2}
+    ftj = parse_manifest(manifest)
+    assert ftj.spec.world_size == 4
+    env = _env(attempt_job(ftj, uid="u", attempt=1, image="t")["spec"]["template"])
+    assert env["PET_NPROC_PER_NODE"]["value"] == "2"
+
+
+def test_queued_jobs_carry_kueues_labels_and_start_suspended() -> None:
+    job = _job(**{QUEUE_LABEL: "team-a", "kueue.x-k8s.io/priority-class": "p", "other": "x"})
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "team-a"
+    assert "other" not in job["metadata"]["labels"]
+    assert QUEUE_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("name", ["a", "x" * 40, "y" * 52, "9" + "z" * 51])
+def test_names_stay_valid_dns_labels(name: str) -> None:
+    for attempt in (1, 9, 123):
+        job = attempt_name(name, attempt)
+        assert len(f"{job}-63") <= 63, job  # the pod hostname of index 63
+        assert job.endswith(f"-attempt-{attempt}")
+        assert job == attempt_name(name, attempt)  # deterministic
+        assert len(rank0_address(name, attempt).split(".")[0]) <= 63
+    service = service_name(name)
+    assert len(service) <= 63 and service[0].isalpha()
+    assert attempt_name("x" * 52, 1) != attempt_name("x" * 51 + "y", 1)
+
+
+def test_job_is_accepted_by_the_kubernetes_client_models() -> None:
+    """The client validates request bodies: quantities must be strings, not ints."""
+    from kubernetes.client import ApiClient, V1Job
+
+    job = ApiClient()._ApiClient__deserialize(_job(), V1Job)
+    assert job.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
+    assert job.spec.completion_mode == "Indexed"

@@ -15,6 +15,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, StringConstraints
 
+# The enums the trainer also uses are declared once, in the trainer's configuration
+# (importable without torch), and reused here.
+from kubetune_trainer.config import (
+    ComputeDtype,
+    DatasetFormat,
+    DistributedStrategy,
+    FsdpSharding,
+    Precision,
+    Scheduler,
+)
+from kubetune_trainer.config import Method as MethodType
+
 from .rules import ApiModel, Rule
 
 GROUP = "kubetune.io"
@@ -172,9 +184,6 @@ class ValidationSplit(ApiModel):
     )
 
 
-DatasetFormat = Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "text"]
-
-
 class DatasetSpec(ApiModel):
     """The training data."""
 
@@ -215,9 +224,6 @@ class DatasetSpec(ApiModel):
     )
 
 
-MethodType = Literal["lora", "qlora", "dora", "full"]
-
-
 class LoraSettings(ApiModel):
     """Adapter settings for lora, qlora and dora."""
 
@@ -244,7 +250,7 @@ class QuantizationSettings(ApiModel):
     doubleQuant: bool = Field(
         default=True, description="Quantize the quantization constants too (4-bit only)."
     )
-    computeDtype: Literal["bfloat16", "float16", "float32"] = Field(
+    computeDtype: ComputeDtype = Field(
         default="bfloat16", description="Dtype of the matmuls on dequantized weights."
     )
 
@@ -307,7 +313,7 @@ class TrainingSpec(ApiModel):
     learningRate: _decimal(0.0, 1.0, low_open=True) = Field(  # type: ignore[valid-type]
         default="2e-4", description='Peak learning rate, as a decimal string such as "2e-4".'
     )
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+    scheduler: Scheduler = Field(
         default="cosine", description="Learning-rate schedule after warmup."
     )
     warmupPercent: int = Field(
@@ -319,7 +325,7 @@ class TrainingSpec(ApiModel):
     maxGradNorm: _decimal(0.0, None) = Field(  # type: ignore[valid-type]
         default="1.0", description="Gradient clipping norm; 0 turns clipping off."
     )
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+    precision: Precision = Field(
         default="auto",
         description="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.",
     )
@@ -414,9 +420,30 @@ class Toleration(ApiModel):
 
 
 class ResourcesSpec(ApiModel):
-    """What the trainer pod needs, and where it may run."""
+    """What each trainer pod needs, and where the pods may run.
 
-    gpus: int = Field(default=1, ge=0, le=64, description="GPUs for the trainer pod.")
+    Each attempt runs one pod per node; the job's world size (trainer processes) is
+    nodes × gpus, or nodes × distributed.processesPerNode on CPU (gpus: 0).
+    """
+
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Nodes the job spans: one trainer pod per node, each with `gpus` GPUs. More "
+            "than 1 runs the ranks across nodes (torchrun; rank 0 at a stable DNS name)."
+        ),
+    )
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description=(
+            "GPUs per node (per pod), one trainer process per GPU. 0 runs on CPU "
+            "(distributed.processesPerNode processes per pod, default 1)."
+        ),
+    )
     gpuResourceName: str = Field(
         default="nvidia.com/gpu",
         min_length=1,
@@ -441,6 +468,59 @@ class ResourcesSpec(ApiModel):
     )
     priorityClassName: str | None = Field(
         default=None, min_length=1, description="PriorityClass of the trainer pod."
+    )
+
+
+class FsdpSettings(ApiModel):
+    """The FSDP settings users actually change."""
+
+    sharding: FsdpSharding = Field(
+        default="full",
+        description=(
+            "full: shard parameters, gradients and optimizer state across every rank; "
+            "hybrid: shard within a node, replicate across nodes (less inter-node traffic)."
+        ),
+    )
+    cpuOffload: bool = Field(
+        default=False, description="Keep sharded parameters on the CPU between uses (slower)."
+    )
+    activationCheckpointing: bool = Field(
+        default=False, description="Recompute activations per layer to save memory."
+    )
+
+
+class DistributedSpec(ApiModel):
+    """How the ranks share the work. Global batch = batchSize × gradientAccumulationSteps ×
+    world size."""
+
+    strategy: DistributedStrategy = Field(
+        default="auto",
+        description=(
+            "auto: DDP (each rank holds the whole model) for lora, qlora and dora, FSDP for "
+            "full when the world size is above 1; ddp; fsdp (shards the model across ranks). "
+            "A world size of 1 always runs a single process."
+        ),
+    )
+    processesPerNode: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "Trainer processes per pod on a CPU job (resources.gpus: 0), default 1; each "
+            "gets an equal share of the pod's CPUs. With GPUs one process runs per GPU."
+        ),
+    )
+    fsdp: FsdpSettings | None = Field(
+        default=None, description="FSDP settings (strategy fsdp, or auto choosing FSDP)."
+    )
+
+    rules = (
+        Rule(
+            cel="self.strategy != 'ddp' || !has(self.fsdp)",
+            message="fsdp settings do not apply to strategy ddp",
+            holds=lambda m: m.strategy != "ddp" or m.fsdp is None,
+            field_path=".fsdp",
+        ),
     )
 
 
@@ -472,6 +552,11 @@ class FineTuneJobSpec(ApiModel):
         description="GPUs, CPU, memory and placement.",
         **_EMPTY_DEFAULT,
     )
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec,
+        description="How several GPUs, processes or nodes share the training.",
+        **_EMPTY_DEFAULT,
+    )
     image: str | None = Field(
         default=None, min_length=1, description="Trainer image, overriding the operator's."
     )
@@ -489,10 +574,43 @@ class FineTuneJobSpec(ApiModel):
         description="true stops the trainer (checkpointing first); false resumes it.",
     )
 
+    rules = (
+        Rule(
+            cel="self.method.type != 'qlora' || self.distributed.strategy != 'fsdp'",
+            message=(
+                "QLoRA cannot be sharded with FSDP (the 4-bit base is frozen and small): "
+                "use distributed.strategy ddp or auto"
+            ),
+            holds=lambda m: m.method.type != "qlora" or m.distributed.strategy != "fsdp",
+            field_path=".distributed.strategy",
+        ),
+        Rule(
+            cel="!has(self.distributed.processesPerNode) || self.resources.gpus == 0",
+            message=(
+                "distributed.processesPerNode applies only to CPU jobs (resources.gpus: 0); "
+                "with GPUs one process runs per GPU"
+            ),
+            holds=lambda m: m.distributed.processesPerNode is None or m.resources.gpus == 0,
+            field_path=".distributed.processesPerNode",
+        ),
+    )
+
+    @property
+    def processes_per_node(self) -> int:
+        """Trainer processes in each pod: one per GPU, or processesPerNode on CPU."""
+        return self.resources.gpus or self.distributed.processesPerNode or 1
+
+    @property
+    def world_size(self) -> int:
+        """Trainer processes across all nodes."""
+        return self.resources.nodes * self.processes_per_node
+
 
 # --------------------------------------------------------------------------- status
 
-JobState = Literal["Pending", "Running", "Retrying", "Suspended", "Succeeded", "Failed", "Invalid"]
+JobState = Literal[
+    "Pending", "Queued", "Running", "Retrying", "Suspended", "Succeeded", "Failed", "Invalid"
+]
 
 
 class Condition(ApiModel):
@@ -516,6 +634,12 @@ class Progress(ApiModel):
     epoch: float = Field(default=0.0, ge=0, description="Fractional epoch.")
     percent: int = Field(default=0, ge=0, le=100, description="step / totalSteps, in percent.")
     etaSeconds: int | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    worldSize: int | None = Field(default=None, ge=1, description="Trainer processes (ranks).")
+    globalBatchSize: int | None = Field(
+        default=None,
+        ge=1,
+        description="Examples per optimizer step: batchSize × gradientAccumulationSteps × ranks.",
+    )
 
 
 class Metrics(ApiModel):

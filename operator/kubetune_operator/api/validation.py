@@ -127,7 +127,12 @@ def _problem(error: Any) -> Problem:
             expected = "a list"
         return Problem(path, f"must be {_article(expected)} (got {_show(got)})", hint)
     message = str(error["msg"]).removeprefix("Value error, ")
-    return Problem(path, message if "got" in message else f"{message}", hint)
+    # A broken cross-field rule names the field it is about, as the API server does.
+    rules = getattr(_model_at((*loc, "")), "rules", ()) if field_names else ()
+    broken = [r for r in rules if r.message == message and r.field_path]
+    if len(broken) == 1:
+        path += broken[0].field_path
+    return Problem(path, message, hint)
 
 
 def _article(word: str) -> str:
