@@ -12,7 +12,7 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from harness import ADMIN_USER, OPERATOR_USER, EmulatorServer, Kubelet
+from harness import ADMIN_USER, OPERATOR_USER, EmulatorServer, JobController, Kubelet
 from kubernetes.client.exceptions import ApiException
 from seaweedfs import SeaweedFS
 
@@ -45,6 +45,7 @@ class Cluster:
     def __post_init__(self) -> None:
         client = self.kube.api_client(ADMIN_USER)
         self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.store: Store = open_store(f"s3://{self.bucket}", endpoint_url=self.s3.endpoint_url)
 
@@ -144,6 +145,24 @@ class Cluster:
         selector = f"kubetune.io/job={job}"
         return self.core.list_namespaced_pod(namespace, label_selector=selector).items
 
+    def jobs(self, job: str, namespace: str = "default") -> list[Any]:
+        """The attempt Jobs of a FineTuneJob."""
+        selector = f"kubetune.io/job={job}"
+        return self.batch.list_namespaced_job(namespace, label_selector=selector).items
+
+    def pod_name(
+        self, job: str, attempt: int = 1, index: int = 0, namespace: str = "default"
+    ) -> str:
+        """The name of the pod of ``index`` (torchrun's node rank) in ``attempt``."""
+        for pod in self.pods(job, namespace):
+            labels = pod.metadata.labels or {}
+            annotations = pod.metadata.annotations or {}
+            if labels.get("kubetune.io/attempt") == str(attempt) and annotations.get(
+                "batch.kubernetes.io/job-completion-index"
+            ) == str(index):
+                return str(pod.metadata.name)
+        raise AssertionError(f"no pod {index} of attempt {attempt} of {namespace}/{job}")
+
     def events(self, namespace: str = "default") -> list[Any]:
         return self.core.list_namespaced_event(namespace).items
 
@@ -188,13 +207,15 @@ def condition(job: dict[str, Any], type_: str) -> dict[str, Any]:
 def cluster(
     kube: EmulatorServer,
     kubelet: Kubelet,
+    job_controller: JobController,
     seaweedfs: SeaweedFS,
     tiny_model: Path,
     tiny_dataset: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Cluster]:
-    """The harness with the tiny model and data in S3, a storage Secret, and the operator.
+    """The harness (API, kubelet, Job controller) with the tiny model and data in S3, a
+    storage Secret, and the operator.
 
     The test process gets the S3 keys to read results; pods get them only from the Secret
     (the kubelet passes pods no environment of the test's beyond PATH and the like).

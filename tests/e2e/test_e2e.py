@@ -80,7 +80,7 @@ def test_invalid_spec_gets_invalid_spec_condition_and_no_pod(cluster: Cluster) -
     accepted = condition(invalid, "Accepted")
     assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
     assert "spec.method.lora.r: must be ≥ 1 (got 0)" in accepted["message"]
-    assert cluster.pods("bad") == []
+    assert cluster.pods("bad") == [] and cluster.jobs("bad") == []
     warnings = [e for e in cluster.events() if e.reason == "InvalidSpec"]
     assert warnings and warnings[0].type == "Warning"
 
@@ -88,7 +88,7 @@ def test_invalid_spec_gets_invalid_spec_condition_and_no_pod(cluster: Cluster) -
 def test_killed_trainer_is_retried_and_resumes_from_checkpoint(cluster: Cluster) -> None:
     cluster.apply(cluster.tiny_job("retry", training={"maxSteps": 36}))
     cluster.wait("retry", lambda j: _step(j) >= 6, "a checkpoint")
-    cluster.kubelet.kill("retry-attempt-1", signal.SIGKILL)
+    cluster.kubelet.kill(cluster.pod_name("retry"), signal.SIGKILL)
     done = cluster.wait_state("retry", "Succeeded", timeout=240)
     assert done["status"]["attempts"] == 2
     manifest = json.loads(cluster.store.get_bytes("jobs/default/retry/adapter/manifest.json"))
@@ -107,18 +107,20 @@ def test_deleting_a_running_job_stops_it_and_keeps_artifacts(cluster: Cluster) -
         time.sleep(0.1)
     assert cluster.get("doomed") is None, "finalizer not released"
     assert cluster.pods("doomed") == [], "trainer pod not stopped"
+    assert cluster.jobs("doomed") == [], "attempt Job not deleted"
     kept = cluster.store.list("jobs/default/doomed/checkpoints/")
     assert any(key.endswith("/COMPLETE") for key in kept), kept
 
 
-def test_restarted_operator_makes_no_duplicate_pod(cluster: Cluster) -> None:
+def test_restarted_operator_makes_no_duplicate_attempt(cluster: Cluster) -> None:
     cluster.apply(cluster.tiny_job("steady", training={"maxSteps": 30}))
     cluster.wait_state("steady", "Running")
     cluster.stop_operator()
     cluster.start_operator()
     done = cluster.wait_state("steady", "Succeeded")
     assert done["status"]["attempts"] == 1
-    assert [p.metadata.name for p in cluster.pods("steady")] == ["steady-attempt-1"]
+    assert [j.metadata.name for j in cluster.jobs("steady")] == ["steady-attempt-1"]
+    assert len(cluster.pods("steady")) == 1
 
 
 def test_jobs_in_two_namespaces_stay_apart(cluster: Cluster) -> None:
@@ -129,9 +131,11 @@ def test_jobs_in_two_namespaces_stay_apart(cluster: Cluster) -> None:
     for namespace in ("team-a", "team-b"):
         done = cluster.wait_state("job", "Succeeded", namespace)
         assert done["status"]["artifact"]["uri"].endswith(f"/jobs/{namespace}/job/adapter")
+        (attempt,) = cluster.jobs("job", namespace)
+        assert attempt.metadata.owner_references[0].uid == done["metadata"]["uid"]
         (pod,) = cluster.pods("job", namespace)
         assert pod.metadata.namespace == namespace
-        assert pod.metadata.owner_references[0].uid == done["metadata"]["uid"]
+        assert pod.metadata.owner_references[0].uid == attempt.metadata.uid
 
     audit = cluster.kube.emulator.audit
     operator_calls = audit.entries(OPERATOR_USER)
@@ -156,6 +160,8 @@ def test_suspend_stops_the_trainer_and_resume_continues_from_checkpoint(
     while time.monotonic() < deadline and cluster.pods("pausing"):
         time.sleep(0.1)
     assert cluster.pods("pausing") == [], "the trainer pod was not stopped"
+    (paused,) = cluster.jobs("pausing")
+    assert paused.spec.suspend is True  # the attempt Job is suspended, not deleted
 
     cluster.patch_spec("pausing", {"suspend": False})
     done = cluster.wait_state("pausing", "Succeeded", timeout=240)
