@@ -4,15 +4,22 @@
 * :mod:`harness.server`: :class:`EmulatorServer`, the emulator on real HTTP in a thread,
   kubeconfigs, ``kubernetes`` API clients and kopf credentials per user;
 * :mod:`harness.kubelet`: :class:`Kubelet`, which runs pods as local processes;
+* :mod:`harness.network`: the pods' cluster DNS names and own ports, for the kubelet;
+* :mod:`harness.jobs`: :class:`JobController`, batch/v1 Jobs (Indexed, suspend, failures);
+* :mod:`harness.kueue`: :class:`Kueue`, a stand-in admitting queued Jobs by GPU quota;
+* :mod:`harness.informer`: :class:`Informer`, the list-and-watch cache of both;
 * :mod:`harness.operator`: :class:`OperatorThread`, kopf in its own thread and loop;
 * :mod:`harness.audit`: the RBAC-shaped audit log of the emulator;
-* :mod:`harness.fixtures`: pytest fixtures ``kube`` and ``kubelet``.
+* :mod:`harness.fixtures`: pytest fixtures ``kube``, ``kubelet``, ``job_controller``, ``kueue``.
 """
 
 from .audit import AuditEntry, AuditLog, rule_allows
 from .client import KubeClient, KubeError
-from .emulator import Emulator, make_emulator
+from .emulator import Emulator, install_kueue_crd, make_emulator
+from .informer import Informer
+from .jobs import JobController
 from .kubelet import Kubelet, PodRun
+from .kueue import Kueue
 from .operator import OperatorThread, harness_settings
 from .server import ADMIN_USER, KUBELET_USER, OPERATOR_USER, EmulatorServer
 
@@ -24,12 +31,16 @@ __all__ = [
     "AuditLog",
     "Emulator",
     "EmulatorServer",
+    "Informer",
+    "JobController",
     "KubeClient",
     "KubeError",
     "Kubelet",
+    "Kueue",
     "OperatorThread",
     "PodRun",
     "harness_settings",
+    "install_kueue_crd",
     "make_emulator",
     "rule_allows",
 ]

@@ -621,14 +621,38 @@ def _crd_resource(path: Path) -> tuple[str, kmock.ResourceInfo]:
     return f"{spec['group']}/{version['name']}/{names['plural']}", info
 
 
-def make_emulator(*, namespaces: tuple[str, ...] = ("default",), **kwargs: Any) -> Emulator:
-    """An emulator with the built-in kinds, the FineTuneJob CRD and the given namespaces."""
+KUEUE_WORKLOADS = "kueue.x-k8s.io/v1beta1/workloads"
+
+
+def install_kueue_crd(emulator: Emulator) -> None:
+    """Serve Kueue's ``Workload`` kind (as if Kueue's CRDs were installed), status included.
+
+    Call it before the server starts, or in its loop (``server.call(lambda: ...)``).
+    """
+    emulator.resources[KUEUE_WORKLOADS] = kmock.ResourceInfo(
+        kind="Workload",
+        singular="workload",
+        namespaced=True,
+        verbs=ALL_VERBS,
+        shortnames=["wl"],
+        categories=["kueue"],
+        subresources={"status"},
+    )
+
+
+def make_emulator(
+    *, namespaces: tuple[str, ...] = ("default",), kueue: bool = False, **kwargs: Any
+) -> Emulator:
+    """An emulator with the built-in kinds (batch/v1 Jobs and v1 Services included), the
+    FineTuneJob CRD, the given namespaces and, with ``kueue``, Kueue's Workload CRD."""
     emulator = Emulator(**kwargs)
     with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources API
         warnings.simplefilter("ignore", DeprecationWarning)
         emulator.resources.load_bundled()
     key, info = _crd_resource(CRD_PATH)
     emulator.resources[key] = info
+    if kueue:
+        install_kueue_crd(emulator)
     namespace_resource = kmock.resource("v1/namespaces")
     for name in namespaces:
         meta = {"name": name, "uid": str(uuid.uuid4()), "creationTimestamp": _now()}

@@ -4,8 +4,11 @@
 
 ``kube`` is a started :class:`~harness.server.EmulatorServer` (FineTuneJob CRD loaded,
 namespace ``default``); ``kubelet`` a started :class:`~harness.kubelet.Kubelet` on it
-(grace periods capped at 5 s, ``pods/log`` wired). The hook adds the pods' logs to the
-report of a failed test.
+(grace periods capped at 5 s, ``pods/log`` wired); ``job_controller`` a started
+:class:`~harness.jobs.JobController` (batch/v1 Jobs become pods); ``kueue`` a started
+:class:`~harness.kueue.Kueue` (its Workload CRD installed into ``kube`` first; no quota
+until the test calls ``kueue.set_quota``). The hook adds the pods' logs to the report of
+a failed test.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from .emulator import install_kueue_crd
+from .jobs import JobController
 from .kubelet import Kubelet
+from .kueue import Kueue
 from .server import EmulatorServer
 
 _KUBELET = pytest.StashKey[Kubelet]()
@@ -38,6 +44,21 @@ def kubelet(
         request.node.stash[_KUBELET] = node
         yield node
         kube.emulator.pod_log_source = None
+
+
+@pytest.fixture
+def job_controller(kube: EmulatorServer) -> Iterator[JobController]:
+    """The Job controller of ``kube``: Indexed Jobs, suspend, backoffLimit, deadlines."""
+    with JobController(kube.url) as controller:
+        yield controller
+
+
+@pytest.fixture
+def kueue(kube: EmulatorServer) -> Iterator[Kueue]:
+    """A Kueue stand-in on ``kube``: admits Jobs labelled with a queue name, by GPU quota."""
+    kube.call(lambda: install_kueue_crd(kube.emulator))
+    with Kueue(kube.url) as stand_in:
+        yield stand_in
 
 
 @pytest.hookimpl(hookwrapper=True)

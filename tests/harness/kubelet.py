@@ -8,13 +8,22 @@ or those matching a label selector) and, for every new pod, in a thread of its o
    the loopback);
 2. starts the first container's ``command`` + ``args`` (or, for an image listed in
    ``images``, that stand-in command instead) with the container's env: plain values,
-   ``fieldRef`` (``status.podIP``, ``metadata.name``/``namespace``/``uid``/``labels['…']``,
+   ``fieldRef`` (``status.podIP``, ``metadata.name``/``namespace``/``uid``/``labels['…']``/
+   ``annotations['…']`` (e.g. the Job controller's ``JOB_COMPLETION_INDEX``),
    ``spec.nodeName``),
    ``secretKeyRef``/``configMapKeyRef`` and ``envFrom`` (read from the API: the kubelet may
    read Secrets, the operator must not; while one is missing the pod waits with
    ``CreateContainerConfigError``), ``$(VAR)`` expansion, plus ``PATH`` (with this
    interpreter's directory first, so ``python -m …`` finds the venv), ``HOME``,
-   ``PYTHONPATH`` of the test process and ``PYTHONUNBUFFERED=1``;
+   ``PYTHONPATH`` of the test process, ``PYTHONUNBUFFERED=1`` and ``HOSTNAME`` (the pod's
+   ``spec.hostname``, else its name); then the harness's pod network
+   (:mod:`harness.network`): an env value that is exactly a pod's cluster DNS name
+   (``<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]``, with a headless Service
+   ``<subdomain>`` selecting the pod) is replaced by that pod's IP, waiting (at most
+   ``dns_timeout``) while the pod has no IP yet; and ``PET_MASTER_PORT``/``MASTER_PORT``
+   become a free port of the rank-0 pod that ``PET_MASTER_ADDR``/``MASTER_ADDR`` names,
+   the same for all its peers (each pod has its own port space in a cluster; here
+   torchrun's store binds all interfaces, so two rank-0 pods would collide);
 3. writes ``phase: Running`` with ``containerStatuses[0].state.running``;
 4. when the process exits, writes ``state.terminated`` (``exitCode``, 128+N for signal N;
    ``reason`` Completed/Error; ``message`` from the termination message file, or the log
@@ -58,6 +67,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from .client import Body, KubeClient, KubeError
+from .network import ClusterDNS, PortMap, apply_network
 from .server import KUBELET_USER
 
 TERMINATION_MESSAGE_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
@@ -130,6 +140,7 @@ class Kubelet:
         max_grace_period: float | None = None,
         images: Mapping[str, list[str]] | None = None,
         poll_interval: float = 0.05,
+        dns_timeout: float = 60.0,
     ) -> None:
         self.client = KubeClient(url, token=user)
         self.workdir = Path(workdir)
@@ -138,6 +149,8 @@ class Kubelet:
         self.max_grace_period = max_grace_period
         self.images = dict(images or {})
         self.poll_interval = poll_interval
+        self.dns = ClusterDNS(self.client, timeout=dns_timeout)
+        self.ports = PortMap()
         self._runs: dict[str, PodRun] = {}  # by uid
         self._next_ip = 2
         self._lock = threading.Lock()
@@ -316,6 +329,7 @@ class Kubelet:
         except Exception:
             traceback.print_exc()
         finally:
+            self.ports.forget(run.uid)
             run.finished.set()
 
     def _prepare_until_ready(
@@ -326,7 +340,9 @@ class Kubelet:
         reported = None
         while not run.deleted.is_set():
             try:
-                return self._prepare(run, pod)
+                argv, env = self._prepare(run, pod)
+                env = self._network(run, pod, env)
+                return None if run.deleted.is_set() else (argv, env)
             except ContainerConfigError as exc:
                 if exc.message != reported:
                     waiting = {"waiting": {"reason": exc.reason, "message": exc.message}}
@@ -335,6 +351,16 @@ class Kubelet:
                     reported = exc.message
             run.deleted.wait(CONFIG_RETRY_SECONDS)
         return None
+
+    def _network(self, run: PodRun, pod: Body, env: dict[str, str]) -> dict[str, str]:
+        """Pod DNS names in env values become IPs, master ports become the pod's own (see
+        :mod:`harness.network`); names that stay unresolved are noted in the pod's log."""
+        resolved, unresolved = self.dns.resolve(pod, run.ip, env.values(), run.deleted)
+        if unresolved and not run.deleted.is_set():
+            with run.log_path.open("a") as log:
+                names = ", ".join(unresolved)
+                log.write(f"harness cluster DNS: no pod answers to {names} (left as is)\n")
+        return apply_network(env, resolved, pod, run.ip, self.ports)
 
     def _spawn(self, run: PodRun, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         with run.log_path.open("ab") as log:
@@ -459,6 +485,7 @@ class Kubelet:
         env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
+        env["HOSTNAME"] = pod["spec"].get("hostname") or pod["metadata"]["name"]
         env[TERMINATION_MESSAGE_ENV] = str(run.message_path)
         for source in container.get("envFrom") or []:
             env.update({k: rewrite(v) for k, v in self._env_from(pod, source).items()})
