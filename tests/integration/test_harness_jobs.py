@@ -7,11 +7,12 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from harness import ADMIN_USER, EmulatorServer, JobController, KubeClient, Kubelet, Kueue
-from harness.jobs import condition, is_true
+from harness.jobs import COMPLETION_INDEX, condition, is_true
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,13 @@ def pods(admin: KubeClient, job: str) -> list[dict[str, Any]]:
     return sorted(listed["items"], key=lambda p: p["metadata"]["name"])
 
 
+def cond(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    """The condition of ``type_``, which must be there."""
+    found = condition(obj, type_)
+    assert found is not None, f"no {type_} condition in {obj}"
+    return dict(found)
+
+
 def has(type_: str, status: str = "True") -> Any:
     return lambda obj: (found := condition(obj, type_)) is not None and found["status"] == status
 
@@ -103,7 +111,7 @@ def test_indexed_job_runs_every_index_to_completion(
     assert status["completedIndexes"] == "0-1"
     assert status["startTime"] and status["completionTime"]
     assert is_true(done, "SuccessCriteriaMet")
-    assert condition(done, "Complete")["reason"] == "CompletionsReached"  # type: ignore[index]
+    assert cond(done, "Complete")["reason"] == "CompletionsReached"
 
     for index, pod in enumerate(pods(admin, "ij")):
         meta, spec = pod["metadata"], pod["spec"]
@@ -152,7 +160,7 @@ def test_a_failed_index_fails_the_job_and_stops_the_others(
     create(admin, indexed_job("fj", FAIL_ONE))
     failed = kube.wait_for(JOBS, "default", "fj", has("Failed"))
     assert failed is not None
-    assert condition(failed, "Failed")["reason"] == "BackoffLimitExceeded"  # type: ignore[index]
+    assert cond(failed, "Failed")["reason"] == "BackoffLimitExceeded"
     assert is_true(failed, "FailureTarget")
     assert (failed["status"]["failed"], failed["status"]["active"]) == (1, 0)
     assert "completionTime" not in failed["status"]
@@ -171,7 +179,7 @@ def test_a_pod_deleted_while_running_fails_the_job(
     (pod,) = wait_pods(kube, admin, "dj", running(1))
     admin.delete(f"/api/v1/namespaces/default/pods/{pod['metadata']['name']}")
     failed = kube.wait_for(JOBS, "default", "dj", has("Failed"))
-    assert condition(failed, "Failed")["reason"] == "BackoffLimitExceeded"  # type: ignore[index]
+    assert cond(failed, "Failed")["reason"] == "BackoffLimitExceeded"
     assert failed is not None and failed["status"]["failed"] == 1
     assert pods(admin, "dj") == []  # no replacement
 
@@ -185,17 +193,17 @@ def test_suspend_deletes_pods_and_resume_recreates_them(
     patch_job(admin, "sj", {"suspend": True})
     suspended = kube.wait_for(JOBS, "default", "sj", has("Suspended"))
     assert suspended is not None
-    assert condition(suspended, "Suspended")["reason"] == "JobSuspended"  # type: ignore[index]
+    assert cond(suspended, "Suspended")["reason"] == "JobSuspended"
     assert "startTime" not in suspended["status"]
     wait_pods(kube, admin, "sj", lambda ps: not ps)
     for name in first:
         assert kubelet.wait_finished(name, timeout=10) == 128 + signal.SIGTERM
-    assert kube.object(JOBS, "default", "sj")["status"]["failed"] == 0  # type: ignore[index]
+    assert (kube.object(JOBS, "default", "sj") or {})["status"]["failed"] == 0
 
     patch_job(admin, "sj", {"suspend": False})
     resumed = kube.wait_for(JOBS, "default", "sj", has("Suspended", "False"))
     assert resumed is not None
-    assert condition(resumed, "Suspended")["reason"] == "JobResumed"  # type: ignore[index]
+    assert cond(resumed, "Suspended")["reason"] == "JobResumed"
     second = wait_pods(kube, admin, "sj", running(2))
     assert {p["metadata"]["name"] for p in second}.isdisjoint(first)
     assert sorted(p["spec"]["hostname"] for p in second) == ["sj-0", "sj-1"]
@@ -207,7 +215,7 @@ def test_active_deadline_fails_the_job(
 ) -> None:
     create(admin, indexed_job("tj", SLEEP, activeDeadlineSeconds=1))
     failed = kube.wait_for(JOBS, "default", "tj", has("Failed"))
-    assert condition(failed, "Failed")["reason"] == "DeadlineExceeded"  # type: ignore[index]
+    assert cond(failed, "Failed")["reason"] == "DeadlineExceeded"
     wait_pods(kube, admin, "tj", lambda ps: not ps)
 
 
@@ -313,7 +321,7 @@ def test_kueue_admits_by_quota_and_preempts(
         "in flavor default-flavor, request > maximum capacity (1 > 0)"
     )
     assert has("Admitted", "False")(pending)
-    assert kube.object(JOBS, "default", "q1")["spec"]["suspend"] is True  # type: ignore[index]
+    assert (kube.object(JOBS, "default", "q1") or {})["spec"]["suspend"] is True
     assert pods(admin, "q1") == []
 
     kueue.set_quota("team", 1)
@@ -324,14 +332,14 @@ def test_kueue_admits_by_quota_and_preempts(
 
     create(admin, queued_job("q2"))  # the queue is full: it waits
     waiting = workload("q2", has("QuotaReserved", "False"))
-    assert condition(waiting, "QuotaReserved")["message"].endswith(  # type: ignore[index]
+    assert cond(waiting, "QuotaReserved")["message"].endswith(
         "insufficient unused quota for nvidia.com/gpu in flavor default-flavor, 1 more needed"
     )
 
     kueue.preempt("default", "q1")
     evicted = workload("q1", has("Evicted"))
-    assert condition(evicted, "Evicted")["reason"] == "Preempted"  # type: ignore[index]
-    assert condition(evicted, "Evicted")["message"] == (  # type: ignore[index]
+    assert cond(evicted, "Evicted")["reason"] == "Preempted"
+    assert cond(evicted, "Evicted")["message"] == (
         "Preempted to accommodate a higher priority Workload"
     )
     assert has("Admitted", "False")(evicted) and "admission" not in evicted["status"]
@@ -351,3 +359,50 @@ def test_kueue_admits_by_quota_and_preempts(
     admin.delete("/apis/batch/v1/namespaces/default/jobs/q1")  # frees its quota
     kube.wait_for(WORKLOADS, "default", readmitted["metadata"]["name"], lambda w: w is None)
     eventually(lambda: kueue.usage("team"), lambda used: used == 1)
+
+
+ALL_REDUCE = """
+import os, torch, torch.distributed as dist
+dist.init_process_group('gloo')
+value = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(value)
+print('rank', dist.get_rank(), 'of', dist.get_world_size(), 'sum', int(value.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_ranks_meet_across_pods(
+    kube: EmulatorServer,
+    kubelet: Kubelet,
+    job_controller: JobController,
+    admin: KubeClient,
+    tmp_path: Path,
+) -> None:
+    """Two pods, one torchrun node each, rendezvous at rank 0's DNS name (gloo on CPU)."""
+    pytest.importorskip("torch")
+    script = tmp_path / "all_reduce.py"
+    script.write_text(ALL_REDUCE)
+    admin.create(
+        "/api/v1/namespaces/default/services",
+        {"metadata": {"name": "tr"}, "spec": {"clusterIP": "None", "selector": {"job-name": "tr"}}},
+    )
+    argv = ["python", "-m", "torch.distributed.run", str(script)]
+    job = indexed_job("tr", "", completions=2)
+    template = job["spec"]["template"]["spec"]
+    template["subdomain"] = "tr"
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+    template["containers"][0] |= {
+        "command": argv,
+        "env": [
+            {"name": "PET_NNODES", "value": "2"},
+            {"name": "PET_NPROC_PER_NODE", "value": "1"},
+            {"name": "PET_NODE_RANK", "valueFrom": index},
+            {"name": "PET_MASTER_ADDR", "value": "tr-0.tr.default.svc"},
+            {"name": "PET_MASTER_PORT", "value": "29500"},
+        ],
+    }
+    create(admin, job)
+    done = kube.wait_for(JOBS, "default", "tr", has("Complete"), timeout=60)
+    assert done is not None
+    logs = [kubelet.logs(p["metadata"]["name"]) for p in pods(admin, "tr")]
+    assert "rank 0 of 2 sum 3" in logs[0] and "rank 1 of 2 sum 3" in logs[1], logs
