@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from .client import Body, KubeClient
+from .client import Body, KubeClient, KubeError
 
 CLUSTER_DOMAIN = "cluster.local"
 MASTER_ENV = (("PET_MASTER_ADDR", "PET_MASTER_PORT"), ("MASTER_ADDR", "MASTER_PORT"))
@@ -120,10 +120,10 @@ class ClusterDNS:
         while wanted:
             services = {
                 (s["metadata"]["namespace"], s["metadata"]["name"]): s
-                for s in self.client.get("/api/v1/services").get("items") or []
+                for s in self._items("/api/v1/services")
             }
             pods = {
-                ns: self.client.get(f"/api/v1/namespaces/{ns}/pods").get("items") or []
+                ns: self._items(f"/api/v1/namespaces/{ns}/pods")
                 for ns in {name[2] for name in wanted.values()}
             }
             for value, (host, subdomain, ns) in list(wanted.items()):
@@ -145,6 +145,13 @@ class ClusterDNS:
             if not wanted or time.monotonic() >= deadline or cancelled.wait(self.poll):
                 break
         return found, sorted(wanted)
+
+    def _items(self, path: str) -> list[Body]:
+        """A LIST's items; none when the API refuses (e.g. a value like ``a.b.NotANamespace``)."""
+        try:
+            return list(self.client.get(path).get("items") or [])
+        except KubeError:
+            return []
 
 
 def free_port() -> int:

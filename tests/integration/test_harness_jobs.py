@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import pytest
 from harness import ADMIN_USER, EmulatorServer, JobController, KubeClient, Kubelet, Kueue
-from harness.jobs import COMPLETION_INDEX, condition, is_true
+from harness.jobs import COMPLETION_INDEX, condition, format_indexes, is_true, parse_indexes
+from harness.network import parse_pod_name
 
 pytestmark = pytest.mark.integration
 
@@ -406,3 +407,14 @@ def test_torchrun_ranks_meet_across_pods(
     assert done is not None
     logs = [kubelet.logs(p["metadata"]["name"]) for p in pods(admin, "tr")]
     assert "rank 0 of 2 sum 3" in logs[0] and "rank 1 of 2 sum 3" in logs[1], logs
+
+
+def test_pod_dns_names_and_index_ranges() -> None:
+    assert parse_pod_name("j-0.svc1", "ns") == ("j-0", "svc1", "ns")
+    assert parse_pod_name("j-0.svc1.team", "ns") == ("j-0", "svc1", "team")
+    assert parse_pod_name("j-0.svc1.team.svc", "ns") == ("j-0", "svc1", "team")
+    assert parse_pod_name("j-0.svc1.team.svc.cluster.local", "ns") == ("j-0", "svc1", "team")
+    for value in ("127.0.0.1", "localhost", "http://a.b", "a.b.c.d", "A.b", "s3.x.y.svc.other"):
+        assert parse_pod_name(value, "ns") is None, value
+    assert format_indexes([5, 0, 2, 1]) == "0-2,5"
+    assert parse_indexes("0-2,5") == {0, 1, 2, 5} and parse_indexes("") == set()
