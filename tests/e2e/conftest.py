@@ -113,7 +113,7 @@ class Cluster:
             "resources": {"gpus": 1},  # the default; the local kubelet ignores limits
         }
         for key, value in spec.items():
-            body[key] = {**body[key], **value} if isinstance(value, dict) else value
+            body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "FineTuneJob",
