@@ -1,7 +1,8 @@
 """The chart's RBAC grants exactly the API calls the operator makes: used-but-missing and
 granted-but-unused are both failures. The calls come from the emulator's audit log while
-the real operator handles an invalid job, a job that succeeds and a job deleted while it
-runs (a stand-in trainer image keeps this fast)."""
+the real operator handles an invalid job, a job that succeeds, a two-node job (its
+rendezvous Service), a suspended job, a job waiting in a Kueue queue and a job deleted
+while it runs (a stand-in trainer image keeps this fast)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from chart_helpers import chart_rbac_rules
 from conftest import Cluster
-from harness import OPERATOR_USER, EmulatorServer, Kubelet
+from harness import OPERATOR_USER, EmulatorServer, JobController, Kubelet, Kueue
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,7 @@ def _expand(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 
 def test_operator_uses_exactly_what_the_chart_grants(
-    kube: EmulatorServer, tmp_path: Path, seaweedfs
+    kube: EmulatorServer, job_controller: JobController, kueue: Kueue, tmp_path: Path, seaweedfs
 ) -> None:
     images = {
         "fake:ok": [sys.executable, FAKE_TRAINER],
@@ -45,6 +46,23 @@ def test_operator_uses_exactly_what_the_chart_grants(
             cluster.wait_state("invalid", "Invalid", timeout=30)
             cluster.apply(cluster.tiny_job("ok", image="fake:ok"))
             cluster.wait_state("ok", "Succeeded", timeout=30)
+            two = cluster.tiny_job("two", image="fake:sleep", resources={"nodes": 2})
+            cluster.apply(two)
+            cluster.wait_state("two", "Running", timeout=30)
+            assert cluster.core.read_namespaced_service("ftj-two", "default").spec.cluster_ip
+            queued = cluster.tiny_job("queued", image="fake:ok")
+            queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "none"}
+            cluster.apply(queued)
+            cluster.wait(
+                "queued",
+                lambda j: "quota" in (j.get("status") or {}).get("message", ""),
+                "Kueue's message",
+                timeout=30,
+            )
+            cluster.apply(cluster.tiny_job("paused", image="fake:sleep"))
+            cluster.wait_state("paused", "Running", timeout=30)
+            cluster.patch_spec("paused", {"suspend": True})
+            cluster.wait_state("paused", "Suspended", timeout=30)
             cluster.apply(cluster.tiny_job("running", image="fake:sleep"))
             cluster.wait_state("running", "Running", timeout=30)
             cluster.wait_for_finalizer("running")
