@@ -144,7 +144,36 @@ CROSS_FIELD_CASES = [
     ),
     ({"training": {"learningRate": "0"}}, "must be > 0.0 and < 1.0"),
     ({"method": {"lora": {"dropout": "1.5"}}}, "must be >= 0.0 and < 1.0"),
+    (
+        {"method": {"type": "qlora"}, "distributed": {"strategy": "fsdp"}},
+        "QLoRA cannot be sharded with FSDP (the 4-bit base is frozen and small): "
+        "use distributed.strategy ddp or auto",
+    ),
+    (
+        {"resources": {"gpus": 2}, "distributed": {"processesPerNode": 2}},
+        "distributed.processesPerNode applies only to CPU jobs (resources.gpus: 0); "
+        "with GPUs one process runs per GPU",
+    ),
+    (
+        {"distributed": {"strategy": "ddp", "fsdp": {"cpuOffload": True}}},
+        "fsdp settings do not apply to strategy ddp",
+    ),
 ]
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"resources": {"gpus": 0}, "distributed": {"processesPerNode": 4}},
+        {"method": {"type": "qlora"}, "distributed": {"strategy": "ddp"}},
+        {"method": {"type": "full"}, "distributed": {"strategy": "fsdp", "fsdp": {}}},
+        {"resources": {"nodes": 4, "gpus": 8}},
+    ],
+)
+def test_valid_distributed_specs_pass_both_forms(patch: dict[str, Any]) -> None:
+    spec = {**BASE, **patch}
+    assert _broken_cel_rules(spec, openapi_schema()["properties"]["spec"]) == []
+    assert validate_manifest(_job(spec)) == []
 
 
 @pytest.mark.parametrize(("patch", "message"), CROSS_FIELD_CASES)
