@@ -509,6 +509,12 @@ def test_monitors_scrape_the_operator_and_the_trainers(custom: list[dict[str, An
     [endpoint] = pod_monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"]) == ("progress", "/metrics")
     assert endpoint["port"] in {p["name"] for p in trainer["spec"]["containers"][0]["ports"]}
+    # Only rank 0 (completion index 0 of the attempt Job) serves metrics.
+    keep = endpoint["relabelings"][0]
+    assert keep["action"] == "keep" and keep["regex"] == "0"
+    assert keep["sourceLabels"] == [
+        "__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index"
+    ]
 
     cluster_wide = render_manifests({"monitoring": {"podMonitor": {"enabled": True}}})
     assert _one(cluster_wide, "PodMonitor")["spec"]["namespaceSelector"] == {"any": True}
