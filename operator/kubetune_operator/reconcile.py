@@ -144,6 +144,7 @@ class AttemptView:
     deleting: bool
     spec_json: str | None
     queue: str | None
+    created: str | None
     complete: bool
     failed_reason: str | None
     failed_message: str
@@ -171,6 +172,7 @@ class AttemptView:
             deleting=bool(meta.get("deletionTimestamp")),
             spec_json=(meta.get("annotations") or {}).get(SPEC_ANNOTATION),
             queue=labels.get(QUEUE_LABEL),
+            created=meta.get("creationTimestamp"),
             complete=(conditions.get("Complete") or {}).get("status") == "True",
             failed_reason=(failed.get("reason") or "Failed") if is_failed else None,
             failed_message=failed.get("message") or "",
@@ -403,6 +405,11 @@ def reconcile(
     if b.old.get("state") in TERMINAL_STATES:
         b.decision.delete_jobs = _unfinished(views)
         return b.finish()
+    if views and not b.status.get("startTime") and views[0].created:
+        # The status write after the first Job's creation was lost: the Job remembers.
+        b.status["startTime"] = views[0].created
+    if attempts:
+        b.status["attempts"] = attempts
 
     try:
         current: FineTuneJob | None = _job_from(body, raw_spec)

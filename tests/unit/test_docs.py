@@ -103,7 +103,10 @@ def _reconcile_reasons() -> set[str]:
             position = {"Failure": 0, "_fail": 2, "condition": 2, "state": 1}.get(name)
             if position is not None and len(node.args) > position:
                 literal(node.args[position])
-        elif isinstance(node, ast.FunctionDef) and node.name in ("_pending_reason", "_pod_pending_reason"):
+        elif isinstance(node, ast.FunctionDef) and node.name in (
+            "_pending_reason",
+            "_pod_pending_reason",
+        ):
             for ret in ast.walk(node):
                 if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Tuple):
                     literal(ret.value.elts[0])

@@ -527,3 +527,12 @@ def test_condition_transition_time_kept_when_status_unchanged() -> None:
     )
     assert _condition(later, "Running")["lastTransitionTime"] == "2026-11-23T12:00:00Z"
     assert later.status == first.status  # a stable status: nothing to write
+
+
+def test_start_time_lost_with_a_status_write_is_recovered_from_the_first_job() -> None:
+    attempt = _attempt(1)
+    attempt["metadata"]["creationTimestamp"] = "2026-11-23T11:00:00Z"
+    decision = reconcile(_job(), [attempt], [_pod(1, "Running")], image=IMAGE, now=NOW)
+    assert decision.create_job is None
+    assert decision.status["attempts"] == 1
+    assert decision.status["startTime"] == "2026-11-23T11:00:00Z"

@@ -122,6 +122,13 @@ def crd() -> Schema:
         {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss"},
         {"name": "Eval", "type": "number", "jsonPath": ".status.metrics.evalLoss", "priority": 1},
         {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "priority": 1},
+        {
+            "name": "Ranks",
+            "type": "integer",
+            "jsonPath": ".status.progress.worldSize",
+            "description": "Trainer processes (nodes × processes per node)",
+            "priority": 1,
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {
