@@ -1,5 +1,5 @@
 """``python -m kubetune_trainer``: the trainer pod's entry point."""
 
-from .main import main
+from .main import exit_process, main
 
-raise SystemExit(main())
+exit_process(main())

@@ -126,11 +126,3 @@ def sum_across(values: list[float]) -> list[float]:
         tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return [float(v) for v in tensor.cpu().tolist()]
-
-
-def shutdown() -> None:
-    """Leave the process group cleanly after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

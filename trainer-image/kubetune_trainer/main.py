@@ -236,6 +236,19 @@ def _load_pod_config() -> TrainerConfig:
         raise ConfigInvalid(f"invalid trainer configuration: {error}") from None
 
 
+def exit_process(code: int) -> None:
+    """End the process with ``code``. A rank of a distributed run skips the
+    interpreter's teardown (os._exit, after flushing): freeing the process group's
+    objects there can deadlock against gloo's threads (seen with torch 2.13: a rank hung
+    forever after a successful run), and its result is already written."""
+    if World.from_env().distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 def main() -> int:
     """The pod's entry point."""
     level = os.environ.get("KUBETUNE_LOG_LEVEL", "INFO").upper()

@@ -278,7 +278,7 @@ def _fsdp_arguments(config: TrainerConfig, world: World) -> dict[str, Any]:
         "reshard_after_forward": True,
         "cpu_ram_efficient_loading": False,
     }
-    arguments: dict[str, Any] = {"fsdp": "full_shard", "fsdp_config": fsdp_config}
+    arguments: dict[str, Any] = {"fsdp": True, "fsdp_config": fsdp_config}
     if fsdp.sharding == "hybrid" and world.nodes > 1:
         # Shard within a node, replicate across nodes: a 2-D mesh.
         from accelerate.parallelism_config import ParallelismConfig
@@ -451,7 +451,7 @@ def run(
     # The others wait for rank 0: a rank's early exit would not fail the attempt, but an
     # attempt whose rank 0 fails to publish must not look half successful.
     published = distributed.broadcast_from_main(published)
-    distributed.shutdown()
+    distributed.barrier()  # every rank has everything it needs: all may exit now
     state.phase = "done"
     return RunResult(
         artifact=published,
