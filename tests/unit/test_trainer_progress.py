@@ -42,3 +42,25 @@ def test_pack_capacity_keeps_about_batch_size_examples_per_sequence() -> None:
     assert pack_capacity([100, 120, 80], batch_size=4, max_seq_length=2048) == 400
     assert pack_capacity([100, 900], batch_size=1, max_seq_length=2048) == 900  # longest fits
     assert pack_capacity([100] * 10, batch_size=64, max_seq_length=2048) == 2048
+
+
+def test_progress_shows_world_size_strategy_and_global_batch() -> None:
+    data = ProgressState(world_size=4, strategy="ddp", global_batch_size=64).as_json()
+    assert (data["world_size"], data["strategy"], data["global_batch_size"]) == (4, "ddp", 64)
+    assert ProgressState().as_json()["world_size"] == 1
+
+
+def test_first_error_of_the_pod_is_kept(tmp_path: Path) -> None:
+    from kubetune_trainer.main import exit_code_of, record_result
+
+    path = tmp_path / "termination-log"
+    path.touch()  # the kubelet creates the file empty
+    first = {"error": {"reason": "StorageUnavailable", "message": "m", "exitCode": 20}}
+    assert record_result(path, first)
+    echo = {"error": {"reason": "InternalError", "message": "peer died", "exitCode": 22}}
+    assert not record_result(path, echo)
+    assert json.loads(path.read_text())["error"]["exitCode"] == 20
+    # torchrun says 1; the message says what happened
+    assert exit_code_of(1, path) == 20
+    assert exit_code_of(0, path) == 0
+    assert exit_code_of(1, tmp_path / "missing") == 1
