@@ -72,7 +72,7 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kubetune_trainer.main import run_local
+    from kubetune_trainer.main import launch_local
 
     from .translate import trainer_config
 
@@ -91,8 +91,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for problem in invalid.problems:
             print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
         return 2
+    if job.spec.resources.nodes > 1:
+        print(
+            f"✗ {args.filename}: spec.resources.nodes is {job.spec.resources.nodes}, but "
+            "`kubetune train` runs on this machine only\n"
+            "  hint: set spec.resources.nodes to 1 (several processes: "
+            "spec.distributed.processesPerNode with gpus: 0, or gpus: N), or apply the job "
+            "to a cluster",
+            file=sys.stderr,
+        )
+        return 2
     output = str(Path(args.output).resolve()) if args.output else None
-    return run_local(trainer_config(job, output_uri=output))
+    return launch_local(trainer_config(job, output_uri=output), job.spec.world_size)
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:

@@ -45,6 +45,10 @@ ATTEMPT_LABEL = "kubetune.io/attempt"
 SPEC_ANNOTATION = "kubetune.io/spec"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "trainer"}
 GRACE_SECONDS = 120  # time for the trainer to upload a checkpoint after SIGTERM
+# torchrun forwards SIGTERM to its workers and SIGKILLs them after this (its default, 30 s,
+# is too short to upload a checkpoint); a little less than the pod's grace period, so that
+# torchrun still reports the workers' exit before the kubelet kills the container.
+TORCHRUN_SHUTDOWN_SECONDS = GRACE_SECONDS - 10
 # Set by the Job controller on each pod of an Indexed Job: torchrun's node rank.
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 # Kueue's labels, copied from the FineTuneJob onto each attempt Job.
@@ -145,6 +149,7 @@ def _rank_env(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
     env = [
         {"name": "PET_NNODES", "value": str(spec.resources.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(spec.processes_per_node)},
+        {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(TORCHRUN_SHUTDOWN_SECONDS)},
     ]
     if spec.resources.nodes == 1:
         # One node: torchrun's standalone rendezvous on the pod's loopback (a free port).

@@ -291,6 +291,30 @@ def test_kubetune_train_runs_a_manifest_locally(
     assert (tmp_path / "out" / "adapter" / "manifest.json").is_file()
 
 
+def test_kubetune_train_refuses_several_nodes_with_the_field_and_the_fix(
+    tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    from kubetune_operator.cli import main
+
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "cli-job"},
+        "spec": {
+            "model": {"source": "/nowhere"},
+            "dataset": {"sources": ["/nowhere.jsonl"]},
+            "resources": {"nodes": 2, "gpus": 0},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["train", "-f", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.resources.nodes is 2" in err and "set spec.resources.nodes to 1" in err
+
+
 def test_early_stopping_ends_training_before_max_steps(
     tiny_model: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:

@@ -121,6 +121,9 @@ def test_several_gpus_on_one_node_run_under_torchrun_standalone() -> None:
     assert pod["spec"]["containers"][0]["command"] == ["torchrun", "--module", "kubetune_trainer"]
     assert env["PET_NNODES"]["value"] == "1" and env["PET_NPROC_PER_NODE"]["value"] == "8"
     assert env["PET_STANDALONE"]["value"] == "1"
+    # torchrun's SIGTERM-to-SIGKILL wait fits inside the pod's grace period.
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert 30 < int(env["PET_SHUTDOWN_TIMEOUT"]["value"]) < grace
     assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
