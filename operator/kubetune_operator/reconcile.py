@@ -422,7 +422,7 @@ def reconcile(
         _note_spec_change(b, latest, current, message)
 
     deadline = (current.spec.activeDeadlineSeconds if current else None) or None
-    elapsed = _elapsed(b.old.get("startTime"), b.now)
+    elapsed = _elapsed(b.status.get("startTime"), b.now)
     if deadline and elapsed is not None and elapsed >= deadline:
         return _fail(b, views, "DeadlineExceeded", "the job ran longer than activeDeadlineSeconds")
 
@@ -432,7 +432,11 @@ def reconcile(
         return _suspend(b, latest)
     if latest is not None and latest.deleting:
         return b.finish()  # wait until the old attempt is gone
-    resuming = b.old.get("state") == "Suspended"
+    # Resume after a suspend; also when a suspend was undone before its status was
+    # written (a suspended Job outside Kueue's queues has no one else to resume it).
+    resuming = b.old.get("state") == "Suspended" or (
+        latest is not None and latest.suspended and not latest.queue and not latest.finished
+    )
     if latest is None or resuming:
         if attempts and not resuming:
             vanished = Failure("AttemptDeleted", "the attempt's Job was deleted while it ran", True)
@@ -570,7 +574,7 @@ def _start_attempt(
     """Create the Job of ``attempt``, which runs with ``started_spec``."""
     run_job = _job_from(b.identity, json.loads(started_spec))
     deadline = run_job.spec.activeDeadlineSeconds
-    elapsed = _elapsed(b.old.get("startTime"), b.now) or 0.0
+    elapsed = _elapsed(b.status.get("startTime"), b.now) or 0.0
     job = attempt_job(
         run_job,
         uid=b.uid,
@@ -681,10 +685,10 @@ def _suspend(b: _Builder, latest: AttemptView | None) -> Decision:
     trainer checkpoints on SIGTERM). A Job in a Kueue queue is deleted instead: Kueue owns
     its suspension, and deleting it frees the quota at once."""
     active = latest is not None and not latest.finished and not latest.deleting
-    if latest is not None and active and not latest.suspended:
-        if latest.queue:
+    if latest is not None and active:
+        if latest.queue:  # even while Kueue holds it: it would admit it later
             b.decision.delete_jobs = [latest.name]
-        else:
+        elif not latest.suspended:
             b.decision.suspend_jobs = [latest.name]
     if latest is not None and not latest.stopped:
         message = f"stopping attempt {latest.attempt} (it checkpoints first)"

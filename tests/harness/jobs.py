@@ -54,10 +54,9 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
-from types import TracebackType
-from typing import Self
 
 from .client import Body, KubeClient, KubeError
+from .controller import Controller
 from .informer import Informer
 
 JOB_CONTROLLER_USER = "system:serviceaccount:kube-system:job-controller"
@@ -195,8 +194,10 @@ class _Memory:
     vanished_succeeded: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
 
-class JobController:
+class JobController(Controller):
     """Plays kube-controller-manager's Job controller (see the module docstring)."""
+
+    name = "job-controller"
 
     def __init__(
         self,
@@ -208,9 +209,8 @@ class JobController:
         sync_interval: float = 0.5,
         resync_interval: float = 5.0,
     ) -> None:
-        self.client = KubeClient(url, token=user)
+        super().__init__(url, user=user, sync_interval=sync_interval)
         self.namespace = namespace
-        self.sync_interval = sync_interval
         prefix = f"/namespaces/{namespace}" if namespace else ""
         self.jobs = Informer(
             self.client,
@@ -228,42 +228,9 @@ class JobController:
         )
         self._memory: dict[str, _Memory] = {}  # by Job uid
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle --------------------------------------------------------------------
-
-    def start(self, timeout: float = 10.0) -> Self:
-        """Start the caches and the reconcile thread; returns once both caches are listed."""
-        self.pods.start(timeout)
-        self.jobs.start(timeout)
-        self._thread = threading.Thread(target=self._loop, name="job-controller", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop reconciling and watching (pods keep running: stop the kubelet for that)."""
-        self._stopping.set()
-        self._wake.set()
-        self.jobs.stop()
-        self.pods.stop()
-        if self._thread is not None:
-            self._thread.join(10)
-        self.client.close()  # aborts the watches
-        self.jobs.join()
-        self.pods.join()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def informers(self) -> tuple[Informer, ...]:
+        return (self.pods, self.jobs)
 
     # -- for tests --------------------------------------------------------------------
 
@@ -282,10 +249,10 @@ class JobController:
         if type_ == "DELETED":
             with self._lock:
                 self._memory.pop(job["metadata"]["uid"], None)
-        self._wake.set()
+        self.wake()
 
     def _on_pod(self, type_: str, pod: Body) -> None:
-        self._wake.set()
+        self.wake()
         owner = controller_uid(pod)
         if type_ != "DELETED" or owner is None:
             return
@@ -301,18 +268,15 @@ class JobController:
 
     # -- reconciling ------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.sync_interval)
-            self._wake.clear()
-            for job in self.jobs.items():
-                if self._stopping.is_set():
-                    return
-                try:
-                    self._sync(job)
-                except Exception:
-                    if not self._stopping.is_set():
-                        traceback.print_exc()
+    def reconcile_all(self) -> None:
+        for job in self.jobs.items():
+            if self.stopping:
+                return
+            try:
+                self._sync(job)
+            except Exception:
+                if not self.stopping:
+                    traceback.print_exc()
 
     def _sync(self, job: Body) -> None:
         meta, spec = job["metadata"], job.get("spec") or {}

@@ -43,12 +43,10 @@ import copy
 import hashlib
 import itertools
 import threading
-import traceback
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Self
 
-from .client import Body, KubeClient, KubeError
+from .client import Body, KubeError
+from .controller import Controller
 from .emulator import KUEUE_WORKLOADS
 from .informer import Informer
 from .jobs import condition, is_finished, is_true, owner_exists, set_condition
@@ -94,8 +92,10 @@ def demand(workload: Body) -> int:
     return max(gpus, 1)
 
 
-class Kueue:
+class Kueue(Controller):
     """A Kueue stand-in for Jobs (see the module docstring)."""
+
+    name = "kueue"
 
     def __init__(
         self,
@@ -108,8 +108,7 @@ class Kueue:
         sync_interval: float = 0.5,
         resync_interval: float = 5.0,
     ) -> None:
-        self.client = KubeClient(url, token=user)
-        self.sync_interval = sync_interval
+        super().__init__(url, user=user, sync_interval=sync_interval)
         self.default_quota = default_quota
         self._quotas = dict(quotas or {})
         prefix = f"/namespaces/{namespace}" if namespace else ""
@@ -118,54 +117,22 @@ class Kueue:
             self.client,
             f"/apis/batch/v1{prefix}/jobs",
             label_selector=QUEUE_LABEL,
-            on_change=self._on_change,
+            on_change=self.wake,
             resync_interval=resync_interval,
         )
         self.workloads = Informer(
             self.client,
             f"/apis/{group}/{version}{prefix}/{plural}",
-            on_change=self._on_change,
+            on_change=self.wake,
             resync_interval=resync_interval,
         )
         self._order: dict[str, int] = {}  # Job uid → the order Kueue first saw it in
         self._counter = itertools.count()
         self._held: set[str] = set()  # uids of preempted Workloads, until set_quota
         self._lock = threading.RLock()  # one pass (or preemption) at a time
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle --------------------------------------------------------------------
-
-    def start(self, timeout: float = 10.0) -> Self:
-        """Start the caches and the admission thread; returns once both caches are listed."""
-        self.workloads.start(timeout)
-        self.jobs.start(timeout)
-        self._thread = threading.Thread(target=self._loop, name="kueue", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        self.jobs.stop()
-        self.workloads.stop()
-        if self._thread is not None:
-            self._thread.join(10)
-        self.client.close()
-        self.jobs.join()
-        self.workloads.join()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def informers(self) -> tuple[Informer, ...]:
+        return (self.workloads, self.jobs)
 
     # -- for tests --------------------------------------------------------------------
 
@@ -178,7 +145,7 @@ class Kueue:
                 for w in self.workloads.items()
                 if (w.get("spec") or {}).get("queueName") == queue
             }
-        self._wake.set()
+        self.wake()
 
     def quota(self, queue: str) -> int:
         return self._quotas.get(queue, self.default_quota)
@@ -230,21 +197,9 @@ class Kueue:
 
     # -- reconciling ------------------------------------------------------------------
 
-    def _on_change(self, type_: str, obj: Body) -> None:
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wake.wait(self.sync_interval)
-            self._wake.clear()
-            if self._stopping.is_set():
-                return
-            try:
-                with self._lock:
-                    self._sync()
-            except Exception:
-                if not self._stopping.is_set():
-                    traceback.print_exc()
+    def reconcile_all(self) -> None:
+        with self._lock:
+            self._sync()
 
     def _sync(self) -> None:
         jobs = [j for j in self.jobs.items() if not j["metadata"].get("deletionTimestamp")]

@@ -536,3 +536,18 @@ def test_start_time_lost_with_a_status_write_is_recovered_from_the_first_job() -
     assert decision.create_job is None
     assert decision.status["attempts"] == 1
     assert decision.status["startTime"] == "2026-11-23T11:00:00Z"
+
+
+def test_a_suspend_undone_before_its_status_was_written_resumes() -> None:
+    """The operator suspended the Job, died before writing Suspended, and the user set
+    suspend back to false: the suspended Job has no one else to resume it."""
+    decision = reconcile(_job(RUNNING), [_attempt(1, suspend=True)], [], image=IMAGE, now=NOW)
+    assert decision.delete_jobs == ["job-attempt-1"]
+    assert decision.create_job["metadata"]["name"] == "job-attempt-2"
+
+
+def test_suspending_a_job_still_waiting_in_the_queue_deletes_its_job() -> None:
+    job = _job({"state": "Queued", "attempts": 1}, labels={QUEUE_LABEL: "q"}, suspend=True)
+    decision = reconcile(job, [_attempt(1, suspend=True, queue="q")], [], image=IMAGE, now=NOW)
+    assert decision.delete_jobs == ["job-attempt-1"]
+    assert decision.status["state"] == "Suspended"
