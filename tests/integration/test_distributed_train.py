@@ -314,3 +314,33 @@ def test_fsdp_full_fine_tune_resumes_on_the_same_world_size_only(
     assert execute(config(6)) == ExitCode.UNSUPPORTED
     err = capsys.readouterr().err
     assert "spec.resources.nodes" in err and "world size of 2" in err
+
+
+def test_kubetune_train_runs_qlora_under_ddp_with_processes_per_node(
+    tiny_model: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kubetune train` launches torchrun for a world size above 1; QLoRA under DDP: each
+    rank loads its own 4-bit copy (bitsandbytes NF4 runs on CPU)."""
+    import yaml
+
+    from kubetune_operator.cli import main
+
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "qlora-ddp"},
+        "spec": {
+            "model": {"source": str(tiny_model)},
+            "dataset": {"sources": [str(tiny_dataset)], "maxSeqLength": 128},
+            "method": {"type": "qlora", "quantization": {"computeDtype": "float32"}},
+            "training": {"maxSteps": 3, "batchSize": 4, "gradientAccumulationSteps": 1},
+            "resources": {"gpus": 0},
+            "distributed": {"processesPerNode": 2},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["train", "-f", str(path), "-o", str(tmp_path / "out")]) == 0
+    manifest_json = json.loads((tmp_path / "out" / "adapter" / "manifest.json").read_text())
+    assert manifest_json["distributed"]["world_size"] == 2
+    assert manifest_json["distributed"]["strategy"] == "ddp"
