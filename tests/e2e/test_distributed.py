@@ -118,3 +118,18 @@ def test_kueue_queues_admits_and_preempts_without_using_a_retry(
     assert [j.metadata.name for j in cluster.jobs("queued")] == ["queued-attempt-1"]
     manifest = json.loads(cluster.store.get_bytes("jobs/default/queued/adapter/manifest.json"))
     assert manifest["resumed_from_step"] >= 6
+
+
+def test_a_full_fine_tune_shards_with_fsdp_across_two_nodes(cluster: Cluster) -> None:
+    job = cluster.tiny_job(
+        "fsdp",
+        resources={"nodes": 2, "gpus": 0},
+        method={"type": "full"},  # strategy auto: FSDP for full fine-tunes
+        training={"maxSteps": 4, "learningRate": "1e-3", "checkpointEverySteps": 2},
+    )
+    del job["spec"]["method"]["lora"]
+    cluster.apply(job)
+    done = cluster.wait_state("fsdp", "Succeeded", timeout=240)
+    assert done["status"]["artifact"]["uri"].endswith("/jobs/default/fsdp/model")
+    manifest = json.loads(cluster.store.get_bytes("jobs/default/fsdp/model/manifest.json"))
+    assert manifest["distributed"] == {"world_size": 2, "strategy": "fsdp", "global_batch_size": 16}
