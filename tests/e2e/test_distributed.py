@@ -1,7 +1,8 @@
 """Distributed attempts on the harness: real torchrun ranks (gloo on CPU) across two
 "nodes" (pods of one Indexed Job), a rank dying mid-run, an FSDP full fine-tune, and
-Kueue admission and preemption. Loss equivalence with a single process is checked on the trainer alone
-(tests/integration/test_distributed_train.py), where nothing else competes for the CPU."""
+Kueue admission and preemption. Loss equivalence with a single process is checked on the
+trainer alone (tests/integration/test_distributed_train.py), where nothing else competes
+for the CPU."""
 
 from __future__ import annotations
 

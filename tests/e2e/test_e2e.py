@@ -65,7 +65,7 @@ def test_tiny_job_succeeds_with_adapter_status_events_and_metrics(
     # Prometheus scrapes the operator and answers for the job's metrics.
     binary = find_prometheus()
     if binary is None:
-        pytest.fail("prometheus is not installed: .ci/run installs Debian's package")
+        pytest.fail("prometheus is missing and Debian's package could not be fetched")
     with run_prometheus(binary, [f"127.0.0.1:{cluster.metrics_port}"]) as prometheus:
         result = prometheus.wait_for('kubetune_job_train_loss{namespace="default",name="tiny"}')
         assert float(result[0]["value"][1]) == pytest.approx(status["metrics"]["trainLoss"])

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
+from prometheus import find_promtool
 from prometheus_client import generate_latest
 
 from kubetune_operator.metrics import OperatorMetrics
@@ -15,9 +15,9 @@ pytestmark = pytest.mark.integration
 
 
 def _promtool_check(exposition: bytes) -> str:
-    promtool = shutil.which("promtool")
+    promtool = find_promtool()
     if promtool is None:
-        pytest.fail("promtool is not installed: .ci/run installs Debian's prometheus package")
+        pytest.fail("promtool is missing and Debian's prometheus package could not be fetched")
     result = subprocess.run(
         [promtool, "check", "metrics"], input=exposition, capture_output=True, check=False
     )
