@@ -8,26 +8,45 @@ For each N (``--jobs 100,500,1000``):
   every 50 ms (idle before any job, and peak), CPU seconds (user + sys) are read per phase;
 * **apply**: N FineTuneJobs are created as fast as a few client threads can (raw HTTP, no
   ``kubernetes`` client, so the bench costs little CPU); each job's creation and the first
-  appearance of its pod ``<job>-attempt-1`` are timestamped *inside the emulator*, at the
-  moment the change is committed (a recorder stands in for a watch there), so the latency
-  does not include any client's delay. Reported: apply → pod p50/p95/max, the time from
-  the first apply until all N pods exist, and until all N jobs have a status;
-* **progress**: for ``--progress-jobs`` jobs the bench plays kubelet (pod status Running,
-  podIP 127.0.0.(10+i)) and trainer (the trainer's own ``ProgressServer`` on that IP, at
-  ``--trainer-progress-port``), bumps the step at a known time and measures until the
-  job's ``status.progress.step`` shows it (the operator polls every ``--progress-interval``
-  seconds, so expect about half of it at the median);
+  appearance of its workload, the attempt Job ``<job>-attempt-1`` (batch/v1, Indexed), are
+  timestamped *inside the emulator*, at the moment the change is committed (a recorder
+  stands in for a watch there), so the latency does not include any client's delay.
+  Reported: apply → Job p50/p95/max, the time from the first apply until all N attempt
+  Jobs exist, and until all N jobs have a status;
+* **the Job controller's part** is played by :class:`JobStandIn`, a thread of this process
+  with its own keep-alive connection: for each attempt Job, as soon as it is committed, it
+  creates the Job's pods exactly as the harness's ``JobController`` would
+  (``harness.jobs.pod_for``: ``<job>-attempt-1-<index>-<5 random>``, the template's labels,
+  label and annotation ``batch.kubernetes.io/job-completion-index``, a controller
+  ownerReference to the Job) and writes the Job's status (``startTime``, ``active``,
+  ``ready``), so the operator sees the events a cluster would send it. The harness's
+  ``JobController`` itself is not run: each of its passes filters all pods for every Job
+  and passes follow every event, so at 1,000 jobs it would take a core of this process
+  from the emulator and the bench would measure the harness. The stand-in's CPU is
+  reported on its own (``job_stand_in``), next to the operator's and the emulator's;
+* **progress**: for ``--progress-jobs`` jobs the bench plays kubelet (pod status Running
+  and ready, podIP 127.0.0.(10+i); the Job's ``ready`` count follows) and trainer (the
+  trainer's own ``ProgressServer`` on that IP, at ``--trainer-progress-port``), bumps the
+  step at a known time and measures until the job's ``status.progress.step`` shows it (the
+  operator polls every ``--progress-interval`` seconds, so expect about half of it at the
+  median); pod Running → job ``Running`` is timed too;
+* **finish** (with progress): the same jobs' pods end (Succeeded, exit code 0, the
+  trainer's result as termination message) and their Jobs get ``SuccessCriteriaMet`` then
+  ``Complete``, as the Job controller writes them; reported: Job Complete → job
+  ``Succeeded``;
 * the emulator is the harness's with two costs that grow with the number of requests
   and objects taken out (:class:`BenchEmulator`; ``--harness-emulator`` serves the stock
   one, which then sets the pace itself); its CPU (its thread in this process) is reported
   next to the operator's, and every request the operator made is counted from the
   emulator's audit log, so a slow emulator is not mistaken for a slow operator;
-* a correct operator makes exactly one pod per job here: any other pod is reported as
-  ``extra_pods`` (and "WRONG" in the table).
+* a correct operator makes exactly one attempt Job per job here (no pod ever fails): any
+  other Job is reported as ``extra_jobs`` ("WRONG" in the table), and so is any pod the
+  stand-in did not create (``unexpected_pods``: the operator creates no pods itself).
 
 Pods stay Pending (there is no kubelet) except those the bench starts. Targets (issue):
-1,000 jobs → all workloads within 60 s, operator peak RSS ≤ 300 MB, apply → pod p50 ≤ 150 ms.
-"MB" here is MiB. Linux only (the trainers listen on 127.0.0.x aliases).
+1,000 jobs → all workloads (attempt Jobs) within 60 s, operator peak RSS ≤ 300 MB,
+apply → workload p50 ≤ 150 ms. "MB" here is MiB. Linux only (the trainers listen on
+127.0.0.x aliases).
 
     .venv/bin/python bench/operator_scale.py                      # 100, 500, 1000 jobs
     .venv/bin/python bench/operator_scale.py --jobs 300 --apply-rate 10 --progress-rounds 0
@@ -48,6 +67,7 @@ import http.client
 import json
 import os
 import platform
+import queue
 import random
 import re
 import shlex
@@ -74,6 +94,7 @@ import psutil  # noqa: E402
 from harness import ADMIN_USER, OPERATOR_USER, EmulatorServer  # noqa: E402
 from harness import emulator as emulator_module  # noqa: E402
 from harness.emulator import Emulator, _Watch  # noqa: E402
+from harness.jobs import JOB_CONTROLLER_USER, is_true, pod_for, set_condition  # noqa: E402
 from harness.selectors import parse_field_selector, parse_label_selector  # noqa: E402
 
 from kubetune_trainer.progress import ProgressServer, ProgressState  # noqa: E402
@@ -81,7 +102,8 @@ from kubetune_trainer.progress import ProgressServer, ProgressState  # noqa: E40
 NAMESPACE = "default"
 JOBS_PATH = f"/apis/kubetune.io/v1alpha1/namespaces/{NAMESPACE}/finetunejobs"
 PODS_PATH = f"/api/v1/namespaces/{NAMESPACE}/pods"
-TARGET_ALL_PODS_S = 60.0
+ATTEMPT_JOBS_PATH = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"  # the operator's workloads
+TARGET_ALL_JOBS_S = 60.0
 TARGET_PEAK_RSS_MB = 300.0
 TARGET_P50_MS = 150.0
 MB = 1024 * 1024
@@ -195,7 +217,7 @@ class BenchEmulator(Emulator):
       it is answered;
     * every LIST walks kmock's whole store (all kinds) and sorts all objects of the kind
       before applying the selectors. Here the live objects are indexed per kind, and a
-      ``key=value`` label selector (the operator's LIST of a job's pods) is tried with a
+      ``key=value`` label selector (the operator's LISTs of a job's Jobs and pods) is tried with a
       dict lookup before the harness's own selector check.
 
     Also counts the operator's responses by method and status.
@@ -268,11 +290,16 @@ class Recorder:
 
     ``put_nowait`` is called by the emulator, in its loop, the moment a change is stored
     (the same instant a real watch would be fed), so the times carry no client delay.
+    ``on_attempt`` is called there with each new attempt Job (the Job controller's cue).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_attempt: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.on_attempt = on_attempt
         self.job_added: dict[str, float] = {}
         self.job_status: dict[str, float] = {}  # first time the job had a status.state
+        self.job_states: dict[str, dict[str, float]] = collections.defaultdict(dict)
+        self.attempt_added: dict[str, float] = {}  # the operator's batch/v1 Jobs
+        self.attempt_complete: dict[str, float] = {}  # their Complete condition
         self.pod_added: dict[str, float] = {}
         self.steps: dict[str, dict[int, float]] = collections.defaultdict(dict)
         self.events: collections.Counter[str] = collections.Counter()
@@ -288,29 +315,123 @@ class Recorder:
         if kind == "Pod":
             if event.type == "ADDED":
                 self.pod_added.setdefault(name, now)
+        elif kind == "Job":
+            if event.type == "ADDED" and name not in self.attempt_added:
+                self.attempt_added[name] = now
+                if self.on_attempt is not None:
+                    self.on_attempt(obj)
+            if is_true(obj, "Complete"):
+                self.attempt_complete.setdefault(name, now)
         elif kind == "FineTuneJob":
             if event.type == "ADDED":
                 self.job_added.setdefault(name, now)
             status = obj.get("status") or {}
-            if status.get("state"):
+            if state := status.get("state"):
                 self.job_status.setdefault(name, now)
+                self.job_states[name].setdefault(state, now)
             step = (status.get("progress") or {}).get("step")
             if step is not None:
                 self.steps[name].setdefault(int(step), now)
 
 
-def install_recorder(server: EmulatorServer) -> Recorder:
-    recorder = Recorder()
+def install_recorder(
+    server: EmulatorServer, on_attempt: Callable[[dict[str, Any]], None] | None = None
+) -> Recorder:
+    recorder = Recorder(on_attempt)
     everything = parse_label_selector(None), parse_field_selector(None)
 
     def install() -> None:
-        for resource in ("v1/pods", "kubetune.io/v1alpha1/finetunejobs"):
+        for resource in RECORDED:
             watch = _Watch(kmock.resource(resource), None, None, *everything)
             watch.queue = recorder  # type: ignore[assignment]
             server.emulator._watches.add(watch)
 
     server.call(install)
     return recorder
+
+
+RECORDED = ("v1/pods", "batch/v1/jobs", "kubetune.io/v1alpha1/finetunejobs")
+
+
+class JobStandIn(threading.Thread):
+    """Plays kube-controller-manager's Job controller for the attempt Jobs, and no more.
+
+    For each attempt Job (fed by the :class:`Recorder` as it is committed) it creates one
+    pod per index (``parallelism``), built by the harness's own ``pod_for`` (so exactly the
+    pods its ``JobController`` makes), then writes the Job's status as the controller does
+    (``startTime``, ``active``, ``ready: 0``). One thread, one keep-alive connection, as the
+    Job controller's service account. The later transitions (a pod Running and ready, the
+    Job Complete) are written by the progress and finish phases through :meth:`patch`.
+    Not emulated: everything about failures, suspension and deletion (none happens here).
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True, name="job-stand-in")
+        self.url = url
+        self._jobs: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._api = Http(url, JOB_CONTROLLER_USER)  # connects on first use
+        self._lock = threading.Lock()  # one request at a time on the connection
+        self.fed = 0
+        self.done = 0
+        self.pods: dict[str, list[str]] = {}  # attempt Job → its pods by index
+        self.pod_names: set[str] = set()
+        self.errors: list[str] = []
+
+    def put(self, job: dict[str, Any]) -> None:
+        self.fed += 1
+        self._jobs.put(job)
+
+    def idle(self) -> bool:
+        return self.done >= self.fed
+
+    def run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._start(job)
+            except Exception as exc:  # reported in the result
+                self.errors.append(f"{job['metadata']['name']}: {exc}")
+            finally:
+                self.done += 1
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self.join(10)
+        with self._lock:
+            self._api.close()
+
+    def _start(self, job: dict[str, Any]) -> None:
+        meta, spec = job["metadata"], job.get("spec") or {}
+        if spec.get("suspend"):  # Kueue's business (no queue in this bench)
+            return
+        indexed = spec.get("completionMode") == "Indexed"
+        names = []
+        for index in range(int(spec.get("parallelism", 1))):
+            body = json.dumps(pod_for(job, index if indexed else None)).encode()
+            created = self._request("POST", PODS_PATH, body, "application/json", 201)
+            names.append(created["metadata"]["name"])
+        self.pods[meta["name"]] = names
+        self.pod_names.update(names)
+        self.patch_job(meta["name"], {"startTime": rfc3339(), "active": len(names), "ready": 0})
+
+    def patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        body = json.dumps(patch).encode()
+        return self._request("PATCH", path, body, "application/merge-patch+json", 200)
+
+    def patch_job(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return self.patch(f"{ATTEMPT_JOBS_PATH}/{name}/status", {"status": status})
+
+    def _request(
+        self, method: str, path: str, body: bytes, content_type: str, expect: int
+    ) -> dict[str, Any]:
+        with self._lock:
+            status, answer = self._api.request(method, path, body, content_type)
+        if status != expect:
+            raise RuntimeError(f"{method} {path}: {status} {answer[:300]!r}")
+        return dict(json.loads(answer))
+
+
+def rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Sampler(threading.Thread):
@@ -340,19 +461,20 @@ class Sampler(threading.Thread):
 
 
 class CpuClock:
-    """CPU seconds (user + sys) of the operator, the emulator thread and this process."""
+    """CPU seconds (user + sys) of the operator, of named threads of this process (the
+    emulator, the Job stand-in) and of this whole process."""
 
-    def __init__(self, operator: psutil.Process, emulator_tid: int) -> None:
-        self.operator, self.emulator_tid = operator, emulator_tid
+    def __init__(self, operator: psutil.Process, threads: dict[str, int]) -> None:
+        self.operator, self.threads = operator, threads
         self.me = psutil.Process()
 
     def read(self) -> dict[str, float]:
         op = self.operator.cpu_times()
         me = self.me.cpu_times()
-        emulator = next((t for t in self.me.threads() if t.id == self.emulator_tid), None)
+        mine = {t.id: t.user_time + t.system_time for t in self.me.threads()}
         return {
             "operator": op.user + op.system,
-            "emulator": (emulator.user_time + emulator.system_time) if emulator else 0.0,
+            **{name: mine.get(tid, 0.0) for name, tid in self.threads.items()},
             "bench_process": me.user + me.system,
             "wall": time.monotonic(),
         }
@@ -460,53 +582,54 @@ def operator_requests(server: EmulatorServer) -> collections.Counter[str]:
     return collections.Counter(f"{e.verb} {e.rbac_resource}" for e in entries)
 
 
+def attempt_of(name: str) -> str:
+    return f"{name}-attempt-1"
+
+
 def progress_phase(
     server: EmulatorServer,
     recorder: Recorder,
+    stand_in: JobStandIn,
     names: list[str],
     states: list[ProgressState],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Start the pods of ``names`` (Running, podIP 127.0.0.(10+i)); time step bumps."""
-    api = Http(server.url)
-    try:
-        for i, name in enumerate(names):
-            ip = f"127.0.0.{10 + i}"
-            patch = {
-                "status": {
-                    "phase": "Running",
-                    "podIP": ip,
-                    "podIPs": [{"ip": ip}],
-                    "containerStatuses": [
-                        {
-                            "name": "trainer",
-                            "image": "ghcr.io/kubetune/trainer:bench",
-                            "imageID": "",
-                            "containerID": f"bench://{name}",
-                            "ready": True,
-                            "started": True,
-                            "restartCount": 0,
-                            "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
-                        }
-                    ],
-                }
+    started: dict[str, float] = {}
+    for i, name in enumerate(names):
+        ip = f"127.0.0.{10 + i}"
+        container = {
+            "name": "trainer",
+            "image": "ghcr.io/kubetune/trainer:bench",
+            "imageID": "",
+            "containerID": f"bench://{name}",
+            "ready": True,
+            "started": True,
+            "restartCount": 0,
+            "state": {"running": {"startedAt": rfc3339()}},
+        }
+        patch = {
+            "status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "containerStatuses": [container],
             }
-            status, body = api.request(
-                "PATCH",
-                f"{PODS_PATH}/{name}-attempt-1/status",
-                json.dumps(patch).encode(),
-                "application/merge-patch+json",
-            )
-            if status != 200:
-                raise RuntimeError(f"cannot start pod of {name}: {status} {body[:300]!r}")
-    finally:
-        api.close()
-    started = time.monotonic()
+        }
+        pod = stand_in.pods[attempt_of(name)][0]  # rank 0: one node per job here
+        started[name] = time.monotonic()
+        stand_in.patch(f"{PODS_PATH}/{pod}/status", patch)
+        stand_in.patch_job(attempt_of(name), {"ready": 1})  # as the Job controller counts
     if not wait_until(lambda: all(1 in recorder.steps[n] for n in names), args.timeout):
         missing = [n for n in names if 1 not in recorder.steps[n]]
-        found = {n: describe(server, n) for n in missing[:5]}
+        found = {n: describe(server, stand_in, n) for n in missing[:5]}
         raise RuntimeError(f"the operator never reported progress of {found}")
-    first_report = [recorder.steps[n][1] - started for n in names]
+    first_report = [recorder.steps[n][1] - started[n] for n in names]
+    to_running = [
+        recorder.job_states[n]["Running"] - started[n]
+        for n in names
+        if "Running" in recorder.job_states[n]
+    ]
 
     latencies: list[float] = []
     for round_ in range(args.progress_rounds):
@@ -528,17 +651,87 @@ def progress_phase(
     return {
         "jobs": len(names),
         "rounds": args.progress_rounds,
+        "running_to_state_running": summary_ms(to_running),
         "running_to_first_progress": summary_ms(first_report),
         "step_to_status": summary_ms(latencies),
     }
 
 
-def describe(server: EmulatorServer, name: str) -> str:
-    """A job's state and its pod's phase, for error messages."""
+def finish_phase(
+    server: EmulatorServer,
+    recorder: Recorder,
+    stand_in: JobStandIn,
+    names: list[str],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """End the pods of ``names`` (Succeeded, the trainer's result as termination message),
+    then write their Jobs' ends as the Job controller does; time Complete → Succeeded."""
+    for name in names:
+        result = {
+            "artifact": {
+                "uri": f"s3://bench-artifacts/{name}/adapter",
+                "digest": "sha256:" + "0" * 64,
+                "sizeBytes": 1024,
+            },
+            "metrics": {"train_loss": 0.5, "tokens_per_second": 1000.0},
+            "stats": {},
+        }
+        terminated = {
+            "exitCode": 0,
+            "reason": "Completed",
+            "message": json.dumps(result),
+            "startedAt": rfc3339(),
+            "finishedAt": rfc3339(),
+        }
+        container = {
+            "name": "trainer",
+            "image": "ghcr.io/kubetune/trainer:bench",
+            "imageID": "",
+            "containerID": f"bench://{name}",
+            "ready": False,
+            "started": False,
+            "restartCount": 0,
+            "state": {"terminated": terminated},
+        }
+        pod = stand_in.pods[attempt_of(name)][0]
+        patch = {"status": {"phase": "Succeeded", "containerStatuses": [container]}}
+        stand_in.patch(f"{PODS_PATH}/{pod}/status", patch)
+        # The Job controller: the index succeeded → SuccessCriteriaMet, then Complete.
+        message = "Reached expected number of succeeded pods"
+        conditions = set_condition([], "SuccessCriteriaMet", "True", "CompletionsReached", message)
+        counts = {"active": 0, "ready": 0, "succeeded": 1, "completedIndexes": "0"}
+        stand_in.patch_job(attempt_of(name), {**counts, "conditions": conditions})
+        conditions = set_condition(conditions, "Complete", "True", "CompletionsReached", message)
+        status = {**counts, "conditions": conditions, "completionTime": rfc3339()}
+        stand_in.patch_job(attempt_of(name), status)
+
+    def succeeded() -> bool:
+        return all("Succeeded" in recorder.job_states[n] for n in names)
+
+    if not wait_until(succeeded, args.timeout):
+        missing = [n for n in names if "Succeeded" not in recorder.job_states[n]]
+        found = {n: describe(server, stand_in, n) for n in missing[:5]}
+        raise RuntimeError(f"the operator never reported success of {found}")
+    latencies = [
+        recorder.job_states[n]["Succeeded"] - recorder.attempt_complete[attempt_of(n)]
+        for n in names
+    ]
+    return {"jobs": len(names), "complete_to_succeeded": summary_ms(latencies)}
+
+
+def describe(server: EmulatorServer, stand_in: JobStandIn, name: str) -> str:
+    """A job's state, its attempt Job's conditions and its pod's phase, for errors."""
     job = server.object("kubetune.io/v1alpha1/finetunejobs", NAMESPACE, name) or {}
-    pod = server.object("v1/pods", NAMESPACE, f"{name}-attempt-1") or {}
+    attempt = server.object("batch/v1/jobs", NAMESPACE, attempt_of(name)) or {}
+    conditions = [
+        f"{c.get('type')}={c.get('status')}"
+        for c in (attempt.get("status") or {}).get("conditions") or []
+    ]
+    pods = stand_in.pods.get(attempt_of(name)) or []
+    pod = server.object("v1/pods", NAMESPACE, pods[0]) if pods else None
     state = (job.get("status") or {}).get("state")
-    return f"job {state}, pod {(pod.get('status') or {}).get('phase')}"
+    phase = ((pod or {}).get("status") or {}).get("phase")
+    return f"job {state}, attempt Job {conditions or 'no conditions'}, pod {phase}"
 
 
 def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -547,7 +740,10 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"jobs": n, "load_avg_1m_before": round(os.getloadavg()[0], 2)}
     with ExitStack() as stack:
         server = stack.enter_context(EmulatorServer(bench_emulator(args.harness_emulator)))
-        recorder = install_recorder(server)
+        stand_in = JobStandIn(server.url)
+        stand_in.start()
+        stack.callback(stand_in.stop)
+        recorder = install_recorder(server, on_attempt=stand_in.put)
         emulator_tid = next(
             t.native_id or 0 for t in threading.enumerate() if t.name == "kube-emulator"
         )
@@ -570,7 +766,9 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         sampler = Sampler(operator, args.sample_interval)
         sampler.start()
         stack.callback(sampler.stop)
-        clock = CpuClock(operator, emulator_tid)
+        clock = CpuClock(
+            operator, {"emulator": emulator_tid, "job_stand_in": stand_in.native_id or 0}
+        )
         t_launch = time.monotonic()
 
         def alive() -> bool:
@@ -579,8 +777,9 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             return True
 
         def ready() -> bool:
-            # two watches are the recorder's; the operator's: FineTuneJobs and pods
-            return alive() and healthy(health_port) and server.emulator.watch_count >= 4
+            # the recorder's three, and the operator's: FineTuneJobs, Jobs and pods
+            watches = len(RECORDED) + 3
+            return alive() and healthy(health_port) and server.emulator.watch_count >= watches
 
         if not wait_until(ready, 60, 0.05):
             raise RuntimeError(f"the operator did not become ready: {log_tail(log_path)}")
@@ -595,15 +794,16 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         applied = apply_jobs(server.url, names, args.clients, args.apply_rate)
         if applied["error_count"]:
             raise RuntimeError(f"applies failed: {applied['errors']}")
-        first_pods = {f"{name}-attempt-1" for name in names}
-        all_pods = wait_until(
-            lambda: alive() and len(first_pods & recorder.pod_added.keys()) >= n,
+        first_jobs = {attempt_of(name) for name in names}
+        all_jobs = wait_until(
+            lambda: alive() and len(first_jobs & recorder.attempt_added.keys()) >= n,
             args.timeout,
             0.05,
         )
-        cpu_pods = clock.read()
-        pods_done = cpu_pods["wall"]
+        cpu_jobs = clock.read()
+        jobs_done = cpu_jobs["wall"]
         wait_until(lambda: alive() and len(recorder.job_status) >= n, args.timeout, 0.05)
+        wait_until(lambda: alive() and stand_in.idle(), args.timeout, 0.05)
         wait_until(lambda: alive() and quiet(recorder, operator), args.timeout, 0.1)
         settled = time.monotonic()
         cpu1 = clock.read()
@@ -611,45 +811,57 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
         first_apply = min(recorder.job_added.values())
         latencies = [
-            recorder.pod_added[f"{name}-attempt-1"] - recorder.job_added[name]
+            recorder.attempt_added[attempt_of(name)] - recorder.job_added[name]
             for name in names
-            if f"{name}-attempt-1" in recorder.pod_added
+            if attempt_of(name) in recorder.attempt_added
         ]
         status_latencies = [
             recorder.job_status[name] - recorder.job_added[name]
             for name in names
             if name in recorder.job_status
         ]
-        last_pod = max((recorder.pod_added.get(pod, 0.0) for pod in first_pods), default=0.0)
-        # a correct operator makes exactly one pod per job here (no pod ever fails)
-        extra_pods = sorted(recorder.pod_added.keys() - first_pods)
+        last_job = max((recorder.attempt_added.get(j, 0.0) for j in first_jobs), default=0.0)
+        # a correct operator makes exactly one attempt Job per job here (no pod ever
+        # fails), and no pod at all: the stand-in makes them all
+        extra_jobs = sorted(recorder.attempt_added.keys() - first_jobs)
+        unexpected_pods = sorted(recorder.pod_added.keys() - stand_in.pod_names)
         requests = operator_requests(server)
         result.update(
             apply=applied,
-            pods_created=len(recorder.pod_added),
-            extra_pods=len(extra_pods),
-            extra_pod_examples=extra_pods[:5],
-            all_pods=all_pods,
-            all_pods_s=round(last_pod - first_apply, 2),
-            apply_to_pod=summary_ms(latencies),
+            jobs_created=len(recorder.attempt_added),
+            extra_jobs=len(extra_jobs),
+            extra_job_examples=extra_jobs[:5],
+            unexpected_pods=len(unexpected_pods),
+            unexpected_pod_examples=unexpected_pods[:5],
+            all_jobs=all_jobs,
+            all_jobs_s=round(last_job - first_apply, 2),
+            apply_to_job=summary_ms(latencies),
             apply_to_status=summary_ms(status_latencies),
             all_status_s=round(max(recorder.job_status.values(), default=0.0) - first_apply, 2),
             settled_s=round(settled - first_apply, 2),
-            pods_seen_s=round(pods_done - first_apply, 2),
+            jobs_seen_s=round(jobs_done - first_apply, 2),
+            stand_in={
+                "pods_created": len(stand_in.pod_names),
+                "all_pods_s": round(max(recorder.pod_added.values(), default=0.0) - first_apply, 2),
+                "errors": stand_in.errors[:5],
+                "error_count": len(stand_in.errors),
+            },
             apply_cpu_s=CpuClock.delta(cpu0, cpu1),
-            # until all pods exist: CPU seconds and share of one core (1.0: a full core)
-            pods_cpu_s=(pods_cpu := CpuClock.delta(cpu0, cpu_pods)),
-            pods_core_share={
-                k: round(v / max(pods_cpu["wall"], 1e-9), 2)
-                for k, v in pods_cpu.items()
+            # until all attempt Jobs exist: CPU seconds and share of one core (1.0: a core)
+            jobs_cpu_s=(jobs_cpu := CpuClock.delta(cpu0, cpu_jobs)),
+            jobs_core_share={
+                k: round(v / max(jobs_cpu["wall"], 1e-9), 2)
+                for k, v in jobs_cpu.items()
                 if k != "wall"
             },
-            operator_cpu_ms_per_job=round(1000 * pods_cpu["operator"] / n, 1),
+            operator_cpu_ms_per_job=round(1000 * jobs_cpu["operator"] / n, 1),
             apply_peak_rss_mb=round(sampler.peak / MB, 1),
             operator_requests=dict(sorted(requests.items())),
             operator_requests_per_job=round(sum(requests.values()) / n, 1),
             emulator_events=dict(sorted(recorder.events.items())),
         )
+        if stand_in.errors:
+            raise RuntimeError(f"the Job stand-in failed: {stand_in.errors[:5]}")
         if isinstance(server.emulator, BenchEmulator):
             result["operator_responses"] = dict(sorted(server.emulator.responses.items()))
 
@@ -663,14 +875,21 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "operator_cpu_s": steady["operator"],
                 "operator_core_share": round(steady["operator"] / steady["wall"], 3),
                 "emulator_cpu_s": steady["emulator"],
+                "job_stand_in_cpu_s": steady["job_stand_in"],
                 "rss_mb": round(operator.memory_info().rss / MB, 1),
             }
 
         # -- progress ---------------------------------------------------------------------
         if progress_names and args.progress_rounds:
             cpu2 = clock.read()
-            result["progress"] = progress_phase(server, recorder, progress_names, states, args)
+            result["progress"] = progress_phase(
+                server, recorder, stand_in, progress_names, states, args
+            )
             result["progress"]["cpu_s"] = CpuClock.delta(cpu2, clock.read())
+            if args.finish:
+                cpu3 = clock.read()
+                result["finish"] = finish_phase(server, recorder, stand_in, progress_names, args)
+                result["finish"]["cpu_s"] = CpuClock.delta(cpu3, clock.read())
 
         result["peak_rss_mb"] = round(sampler.peak / MB, 1)
         result["rss_samples"] = sampler.samples
@@ -678,9 +897,9 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["operator_threads"] = operator.num_threads()
         result["log_lines"] = sum(1 for _ in log_path.open("rb"))
         result["targets"] = {
-            "all_pods_within_60s": all_pods and result["all_pods_s"] <= TARGET_ALL_PODS_S,
+            "all_jobs_within_60s": all_jobs and result["all_jobs_s"] <= TARGET_ALL_JOBS_S,
             "peak_rss_le_300mb": result["peak_rss_mb"] <= TARGET_PEAK_RSS_MB,
-            "apply_to_pod_p50_le_150ms": (result["apply_to_pod"]["p50_ms"] or 1e9) <= TARGET_P50_MS,
+            "apply_to_job_p50_le_150ms": (result["apply_to_job"]["p50_ms"] or 1e9) <= TARGET_P50_MS,
         }
     return result
 
@@ -732,7 +951,7 @@ def stop_py_spy(profiler: tuple[Any, Path] | None, result: dict[str, Any]) -> No
 # Where the operator's CPU goes: the first rule whose pattern is in a sample's stack wins.
 PROFILE_BUCKETS = (
     ("kubernetes client: our API calls", ("KubeApi._call",)),
-    ("our decisions: reconcile(), pod manifest", ("reconcile (kubetune_operator/reconcile.py",)),
+    ("our decisions: reconcile(), Job manifest", ("reconcile (kubetune_operator/reconcile.py",)),
     ("our progress polls", ("fetch_progress", "status_from_progress")),
     ("logging", ("Logger.log", "LoggerAdapter.", "Logger._log", "Logger.handle")),
     ("kopf: its patches (finalizer, annotations)", ("patch_and_check", "patch_obj (kopf")),
@@ -786,20 +1005,25 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
     columns: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("jobs", lambda r: r["jobs"]),
-        ("all pods s", lambda r: r["all_pods_s"]),
-        ("→pod p50 ms", lambda r: r["apply_to_pod"]["p50_ms"]),
-        ("p95", lambda r: r["apply_to_pod"]["p95_ms"]),
-        ("max", lambda r: r["apply_to_pod"]["max_ms"]),
+        ("all Jobs s", lambda r: r["all_jobs_s"]),
+        ("→Job p50 ms", lambda r: r["apply_to_job"]["p50_ms"]),
+        ("p95", lambda r: r["apply_to_job"]["p95_ms"]),
+        ("max", lambda r: r["apply_to_job"]["max_ms"]),
         ("idle MB", lambda r: r["idle_rss_mb"]),
         ("peak MB", lambda r: r["peak_rss_mb"]),
-        ("op CPU s", lambda r: r["pods_cpu_s"]["operator"]),
+        ("op CPU s", lambda r: r["jobs_cpu_s"]["operator"]),
         ("ms/job", lambda r: r["operator_cpu_ms_per_job"]),
-        ("op core", lambda r: r["pods_core_share"]["operator"]),
-        ("emu core", lambda r: r["pods_core_share"]["emulator"]),
+        ("op core", lambda r: r["jobs_core_share"]["operator"]),
+        ("emu core", lambda r: r["jobs_core_share"]["emulator"]),
+        ("stand-in core", lambda r: r["jobs_core_share"]["job_stand_in"]),
         ("req/job", lambda r: r["operator_requests_per_job"]),
         ("total CPU s", lambda r: r["total_cpu_s"]),
         ("step p50 ms", progress("p50_ms")),
         ("p95", progress("p95_ms")),
+        (
+            "done p50 ms",
+            lambda r: r.get("finish", {}).get("complete_to_succeeded", {}).get("p50_ms"),
+        ),
         ("targets", _verdict),
     ]
     rows = [[str(h) for h, _ in columns]]
@@ -808,19 +1032,22 @@ def print_table(results: list[dict[str, Any]]) -> None:
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
     print(
-        "→pod: job created → its pod created (both as committed in the API); op CPU s, "
-        "ms/job, op/emu core: the operator's CPU seconds, per job, and the share of one core "
-        "used by the operator / the emulator, from the first apply until all pods existed; "
-        "req/job: the operator's API requests per job until it went quiet; total CPU s: the "
-        "operator's, start to end; step: trainer step bump → status.progress.step"
+        "→Job: job created → its attempt Job created (both as committed in the API); op CPU "
+        "s, ms/job, op/emu/stand-in core: the operator's CPU seconds, per job, and the share "
+        "of one core used by the operator / the emulator / the bench's Job-controller stand-in, "
+        "from the first apply until all attempt Jobs existed; req/job: the operator's API "
+        "requests per job until it went quiet; total CPU s: the operator's, start to end; "
+        "step: trainer step bump → status.progress.step; done: Job Complete → job Succeeded"
     )
 
 
 def _verdict(result: dict[str, Any]) -> str:
     missed = [name for name, ok in result["targets"].items() if not ok]
     verdict = "MISSED " + ",".join(missed) if missed else "ok"
-    if result["extra_pods"]:
-        verdict += f"; WRONG: {result['extra_pods']} extra pods (a job got a 2nd attempt)"
+    if result["extra_jobs"]:
+        verdict += f"; WRONG: {result['extra_jobs']} extra Jobs (a job got a 2nd attempt)"
+    if result["unexpected_pods"]:
+        verdict += f"; WRONG: {result['unexpected_pods']} pods not made by the Job controller"
     return verdict
 
 
@@ -835,6 +1062,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--progress-jobs", type=int, default=20, help="jobs reporting progress")
     parser.add_argument("--progress-rounds", type=int, default=5, help="step bumps per job")
+    parser.add_argument(
+        "--no-finish",
+        dest="finish",
+        action="store_false",
+        help="after progress, do not end the progress jobs (pods Succeeded, Jobs Complete)",
+    )
     parser.add_argument(
         "--progress-interval", type=float, default=1.0, help="operator --progress-interval"
     )
