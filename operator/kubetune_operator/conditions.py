@@ -13,6 +13,10 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
 QUEUED = "Queued"  # Kueue holds the attempt (reason PendingAdmission or Preempted)
+# The conditions kstatus (Flux, kpt, cli-utils) reads, derived from the state.
+READY = "Ready"  # True once the job succeeded
+STALLED = "Stalled"  # True when the job cannot progress: failed, or an invalid spec
+RECONCILING = "Reconciling"  # True while work is in flight (pending, queued, training)
 SPEC_CHANGED = "SpecChangeIgnored"  # the spec changed after the job started
 
 

@@ -380,8 +380,21 @@ class _Builder:
         self.status["message"] = message
 
     def finish(self) -> Decision:
+        self._summary_conditions()
         self.status["conditions"] = self.conditions
         return self.decision
+
+    def _summary_conditions(self) -> None:
+        """Ready, Stalled and Reconciling, as kstatus (Flux, kpt) reads them, from the state
+        (reason: the state; message: the status message)."""
+        state = self.status.get("state")
+        if state is None:
+            return
+        message = self.status.get("message") or ""
+        self.condition(c.READY, state == "Succeeded", state, message)
+        self.condition(c.STALLED, state in ("Failed", "Invalid"), state, message)
+        in_flight = state in ("Pending", "Queued", "Running", "Retrying")
+        self.condition(c.RECONCILING, in_flight, state, message)
 
 
 def reconcile(

@@ -551,3 +551,39 @@ def test_suspending_a_job_still_waiting_in_the_queue_deletes_its_job() -> None:
     decision = reconcile(job, [_attempt(1, suspend=True, queue="q")], [], image=IMAGE, now=NOW)
     assert decision.delete_jobs == ["job-attempt-1"]
     assert decision.status["state"] == "Suspended"
+
+
+@pytest.mark.parametrize(
+    ("status", "jobs", "pods", "spec", "expected"),
+    [
+        ({}, [], [], {}, ("Pending", False, False, True)),
+        (RUNNING, [_attempt(1)], [_pod(1, "Running")], {}, ("Running", False, False, True)),
+        (RUNNING, [_attempt(1, condition="Complete")], [], {}, ("Succeeded", True, False, False)),
+        (
+            RUNNING,
+            [_attempt(1, condition="Failed")],
+            [_pod(1, "Failed", **_terminated(1, _error(ExitCode.DATASET_INVALID)))],
+            {},
+            ("Failed", False, True, False),
+        ),
+        ({}, [], [], {"method": {"lora": {"r": 0}}}, ("Invalid", False, True, False)),
+        (
+            RUNNING,
+            [_attempt(1, suspend=True)],
+            [],
+            {"suspend": True},
+            ("Suspended", False, False, False),
+        ),
+    ],
+)
+def test_kstatus_conditions_follow_the_state(
+    status: dict, jobs: list, pods: list, spec: dict, expected: tuple
+) -> None:
+    """Ready/Stalled/Reconciling, so Flux and kstatus need no custom code."""
+    decision = reconcile(_job(status, **spec), jobs, pods, image=IMAGE, now=NOW)
+    state, ready, stalled, reconciling = expected
+    assert decision.status["state"] == state
+    assert _condition(decision, "Ready")["status"] == str(ready)
+    assert _condition(decision, "Stalled")["status"] == str(stalled)
+    assert _condition(decision, "Reconciling")["status"] == str(reconciling)
+    assert _condition(decision, "Ready")["observedGeneration"] == 1
