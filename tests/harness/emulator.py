@@ -58,7 +58,7 @@ Body = dict[str, Any]
 Response = kmock.Response  # type: ignore[attr-defined]  # exported, though not in __all__
 Key = tuple[kmock.resource, str | None, str]
 
-CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.io.yaml"
+CRD_DIR = Path(__file__).resolve().parents[2] / "crds"  # every kubetune CRD is served
 NAMESPACE_SUBRESOURCES = {"status", "finalize"}
 PATH_HEADER = "X-Emulator-Path"  # the real path of a request whose URL kmock cannot parse
 FIXED_METADATA = (  # what no update can change
@@ -644,13 +644,14 @@ def make_emulator(
     *, namespaces: tuple[str, ...] = ("default",), kueue: bool = False, **kwargs: Any
 ) -> Emulator:
     """An emulator with the built-in kinds (batch/v1 Jobs and v1 Services included), the
-    FineTuneJob CRD, the given namespaces and, with ``kueue``, Kueue's Workload CRD."""
+    kubetune CRDs (crds/), the given namespaces and, with ``kueue``, Kueue's Workload CRD."""
     emulator = Emulator(**kwargs)
     with warnings.catch_warnings():  # kmock 0.8 uses the deprecated importlib.resources API
         warnings.simplefilter("ignore", DeprecationWarning)
         emulator.resources.load_bundled()
-    key, info = _crd_resource(CRD_PATH)
-    emulator.resources[key] = info
+    for crd_path in sorted(CRD_DIR.glob("*.yaml")):
+        key, info = _crd_resource(crd_path)
+        emulator.resources[key] = info
     if kueue:
         install_kueue_crd(emulator)
     namespace_resource = kmock.resource("v1/namespaces")
