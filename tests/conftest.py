@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow_server import MlflowServer, find_mlflow, run_mlflow
 from seaweedfs import SeaweedFS, find_weed, run_seaweedfs
 
 pytest_plugins = ["harness.fixtures"]
@@ -20,6 +21,16 @@ def seaweedfs() -> Iterator[SeaweedFS]:
         print(f"skipping S3 tests: {reason}")
         pytest.skip(reason)
     with run_seaweedfs(weed) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[MlflowServer]:
+    """A real MLflow tracking server (SQLite backend) on loopback for the session."""
+    mlflow = find_mlflow()
+    if mlflow is None:
+        pytest.skip("the mlflow server is not installed (pip install -e '.[dev]')")
+    with run_mlflow(mlflow) as server:
         yield server
 
 

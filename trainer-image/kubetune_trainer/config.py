@@ -138,6 +138,25 @@ class ReportingConfig(_Strict):
     loss_plot: bool = True
 
 
+class MlflowConfig(_Strict):
+    """Where the run is logged in MLflow. Credentials come from the standard env vars
+    (MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)."""
+
+    tracking_uri: str = Field(description="http(s):// URL of the MLflow tracking server")
+    experiment: str = Field(default="kubetune", min_length=1)
+    run_name: str | None = Field(default=None, description="None: the job's name")
+    tags: dict[str, str] = {}
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking (rank 0 only; a tracker that is down never fails the job)."""
+
+    mlflow: MlflowConfig | None = None
+    tensorboard: bool = Field(
+        default=True, description="Write TensorBoard event files into the artifact"
+    )
+
+
 class FsdpConfig(_Strict):
     """How FSDP shards a full fine-tune (ignored unless the strategy resolves to fsdp)."""
 
@@ -185,6 +204,7 @@ class TrainerConfig(_Strict):
     output: OutputConfig
     reporting: ReportingConfig = ReportingConfig()
     distributed: DistributedConfig = DistributedConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _no_qlora_under_fsdp(self) -> TrainerConfig:

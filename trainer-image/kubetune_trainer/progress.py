@@ -47,6 +47,9 @@ class ProgressState:
     world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
     strategy: str = "single"  # single, ddp or fsdp
     global_batch_size: int = 0  # examples per optimizer step across all processes
+    # Experiment tracking (tracking.Tracker.status): {"mlflow": "ok" | "off" |
+    # "unavailable: <reason>", "runId", "runUrl", "tensorboard": "on" | "off", ...}
+    tracking: dict[str, str] = field(default_factory=dict)
 
     @property
     def percent(self) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import distributed
+from . import distributed, tracking
 from .artifact import PublishedArtifact, publish, write_manifest
 from .checkpoints import RemoteCheckpoint, download_checkpoint, newest_complete, upload_checkpoint
 from .config import ResolvedStrategy, TrainerConfig, global_batch_size
@@ -54,9 +54,10 @@ class RunResult:
     stats: dict[str, Any] = field(default_factory=dict)
     resumed_from_step: int | None = None
     local_artifact_dir: Path | None = None
+    tracking: dict[str, str] = field(default_factory=dict)  # tracking.Tracker.status()
 
     def as_termination_message(self) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "artifact": {
                 "uri": self.artifact.uri,
                 "digest": self.artifact.digest,
@@ -65,6 +66,9 @@ class RunResult:
             "metrics": self.metrics,
             "stats": self.stats,
         }
+        if self.tracking:
+            message["tracking"] = self.tracking
+        return message
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -304,7 +308,31 @@ def run(
     stop: threading.Event,
     progress_bar: bool = False,
 ) -> RunResult:
-    """Run the whole recipe. Raises TrainerError (with an exit code) on failure."""
+    """Run the whole recipe. Raises TrainerError (with an exit code) on failure.
+
+    Rank 0 tracks the attempt (MLflow, TensorBoard; see tracking.py); an attempt that
+    fails ends its MLflow run as failed."""
+    enabled = World.from_env().is_main
+    with tracking.Tracker(config, state, work_dir / "artifact", enabled=enabled) as tracker:
+        return _run(
+            config,
+            work_dir=work_dir,
+            state=state,
+            stop=stop,
+            progress_bar=progress_bar,
+            tracker=tracker,
+        )
+
+
+def _run(
+    config: TrainerConfig,
+    *,
+    work_dir: Path,
+    state: ProgressState,
+    stop: threading.Event,
+    progress_bar: bool,
+    tracker: tracking.Tracker,
+) -> RunResult:
     from transformers import AutoTokenizer, PrinterCallback, set_seed
 
     from . import data as data_stage
@@ -393,6 +421,7 @@ def run(
     if resume is not None and resume_path is not None:
         check_resume_layout(resume, _read_layout(resume_path), layout)
         state.last_checkpoint_step, state.last_checkpoint_uri = resume.step, resume.uri
+    tracker.start(config, layout, resume_path)
     trainer = _trainer_class()(
         eval_collator=eval_collator,
         model=model,
@@ -403,17 +432,20 @@ def run(
         eval_dataset=eval_rows or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=_callbacks(
-            config,
-            state,
-            store,
-            stop,
-            stopped,
-            collator,
-            progress_bar and world.is_main,
-            world,
-            layout,
-        ),
+        callbacks=[
+            tracking.callback(tracker),  # first: it adds to each checkpoint before upload
+            *_callbacks(
+                config,
+                state,
+                store,
+                stop,
+                stopped,
+                collator,
+                progress_bar and world.is_main,
+                world,
+                layout,
+            ),
+        ],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and summary replace it
     trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
@@ -436,6 +468,7 @@ def run(
     published: PublishedArtifact | None = None
     if world.is_main:
         _save_artifact(trainer, tokenizer, artifact_dir, config, model_dir, strategy)
+        tracker.close_tensorboard()  # complete event files before the manifest hashes them
         published = _publish(
             trainer,
             artifact_dir,
@@ -452,6 +485,7 @@ def run(
     # attempt whose rank 0 fails to publish must not look half successful.
     published = distributed.broadcast_from_main(published)
     distributed.barrier()  # every rank has everything it needs: all may exit now
+    tracker.finish(published.uri, published.digest, metrics, trainer.state.global_step)
     state.phase = "done"
     return RunResult(
         artifact=published,
@@ -459,6 +493,7 @@ def run(
         stats={k: v for k, v in stats.items() if isinstance(v, int | float)},
         resumed_from_step=resume.step if resume else None,
         local_artifact_dir=artifact_dir if world.is_main else None,
+        tracking=dict(state.tracking),
     )
 
 
