@@ -6,6 +6,7 @@ import json
 import urllib.request
 from typing import Any
 
+from .api.types import TrackingStatus
 from .workload import PROGRESS_PORT
 
 
@@ -24,6 +25,27 @@ def fetch_progress(pod_ip: str, *, port: int = PROGRESS_PORT, timeout: float = 2
 
 def _rounded(value: Any, digits: int = 4) -> float | None:
     return None if value is None else round(float(value), digits)
+
+
+def _text(value: Any) -> str | None:
+    return str(value) if value else None
+
+
+def tracking_status(tracking: Any) -> dict[str, Any] | None:
+    """status.tracking from the trainer's tracking report (in its progress or termination
+    message): the MLflow run, the TensorBoard files, and why the tracker was unavailable."""
+    if not isinstance(tracking, dict):
+        return None
+    mlflow = str(tracking.get("mlflow") or "")
+    status = TrackingStatus(
+        mlflowRunId=_text(tracking.get("runId")),
+        mlflowRunUrl=_text(tracking.get("runUrl")),
+        tensorboardUri=_text(tracking.get("tensorboardUri")),
+        message=f"MLflow {mlflow}; training went on without it"
+        if mlflow.startswith("unavailable")
+        else None,
+    )
+    return status.model_dump(exclude_none=True) or None
 
 
 def status_from_progress(progress: dict[str, Any], checkpoint_time: str) -> dict[str, Any]:
@@ -50,6 +72,9 @@ def status_from_progress(progress: dict[str, Any], checkpoint_time: str) -> dict
         "tokensPerSecond": _rounded(progress.get("tokens_per_second"), 0),
     }
     status["metrics"] = {k: v for k, v in metrics.items() if v is not None}
+    tracking = tracking_status(progress.get("tracking"))
+    if tracking:
+        status["tracking"] = tracking
     if progress.get("last_checkpoint_step") is not None:
         status["lastCheckpoint"] = {
             "step": int(progress["last_checkpoint_step"]),

@@ -40,6 +40,7 @@ from kubetune_trainer.errors import ExitCode
 from . import conditions as c
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .api.validation import InvalidManifest, Problem, parse_manifest
+from .progress import tracking_status
 from .workload import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX,
@@ -681,6 +682,9 @@ def _succeed(b: _Builder, attempt: AttemptView) -> Decision:
             merged[target] = metrics[source]
     if merged:
         b.status["metrics"] = merged
+    tracking = tracking_status(result.get("tracking"))
+    if tracking:
+        b.status["tracking"] = tracking
     progress = dict(b.old.get("progress") or {})
     if progress.get("totalSteps"):
         progress.update(step=progress["totalSteps"], percent=100, etaSeconds=0)

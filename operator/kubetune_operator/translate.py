@@ -16,10 +16,12 @@ from kubetune_trainer.config import (
     FieldMapping,
     FsdpConfig,
     MethodConfig,
+    MlflowConfig,
     ModelConfig,
     OutputConfig,
     QuantizationConfig,
     ReportingConfig,
+    TrackingConfig,
     TrainerConfig,
     TrainingConfig,
 )
@@ -27,6 +29,11 @@ from kubetune_trainer.config import (
 from .api.types import FineTuneJob, FineTuneJobSpec, LoraSettings
 
 HUB_TOKEN_ENV = "HF_TOKEN"
+# The MLflow client reads its credentials from these (set from Secrets in the pod).
+MLFLOW_TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+MLFLOW_USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+MLFLOW_PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+DEFAULT_EXPERIMENT = "kubetune"  # for a job without a namespace (local runs)
 DEFAULT_VALIDATION_PERCENT = 5
 
 
@@ -123,6 +130,22 @@ def _distributed(spec: FineTuneJobSpec) -> DistributedConfig:
     )
 
 
+def _tracking(job: FineTuneJob) -> TrackingConfig:
+    tracking = job.spec.tracking
+    mlflow = tracking.mlflow
+    return TrackingConfig(
+        tensorboard=tracking.tensorboard,
+        mlflow=MlflowConfig(
+            tracking_uri=mlflow.trackingUri,
+            experiment=mlflow.experiment or job.metadata.namespace or DEFAULT_EXPERIMENT,
+            run_name=mlflow.runName or job.metadata.name,
+            tags=dict(mlflow.tags or {}),
+        )
+        if mlflow is not None
+        else None,
+    )
+
+
 def trainer_config(
     job: FineTuneJob,
     *,
@@ -155,4 +178,5 @@ def trainer_config(
         output=out,
         reporting=reporting or ReportingConfig(),
         distributed=_distributed(spec),
+        tracking=_tracking(job),
     )

@@ -33,7 +33,13 @@ from typing import Any
 from kubetune_trainer.config import ReportingConfig
 
 from .api.types import API_VERSION, KIND, FineTuneJob
-from .translate import HUB_TOKEN_ENV, trainer_config
+from .translate import (
+    HUB_TOKEN_ENV,
+    MLFLOW_PASSWORD_ENV,
+    MLFLOW_TOKEN_ENV,
+    MLFLOW_USERNAME_ENV,
+    trainer_config,
+)
 
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 PROGRESS_PORT = 8080
@@ -121,6 +127,15 @@ def _env(job: FineTuneJob, config_json: str) -> list[dict[str, Any]]:
     token = job.spec.model.tokenSecretRef
     if token is not None:
         env.append(_secret_env(HUB_TOKEN_ENV, token.name, token.key))
+    mlflow = job.spec.tracking.mlflow
+    if mlflow is not None:
+        for name, secret in (
+            (MLFLOW_TOKEN_ENV, mlflow.tokenSecretRef),
+            (MLFLOW_USERNAME_ENV, mlflow.usernameSecretRef),
+            (MLFLOW_PASSWORD_ENV, mlflow.passwordSecretRef),
+        ):
+            if secret is not None:
+                env.append(_secret_env(name, secret.name, secret.key))
     return env
 
 

@@ -122,6 +122,7 @@ def _broken_after_defaulting(value: Any, schema: dict[str, Any]) -> list[str]:
 
 BASE = {"model": {"source": "hf://org/model"}, "dataset": {"sources": ["s3://b/d.jsonl"]}}
 
+_REF = {"name": "mlflow-auth", "key": "value"}
 CROSS_FIELD_CASES = [
     ({"training": {"epochs": 1, "maxSteps": 10}}, "set epochs or maxSteps, not both"),
     (
@@ -158,6 +159,23 @@ CROSS_FIELD_CASES = [
         {"distributed": {"strategy": "ddp", "fsdp": {"cpuOffload": True}}},
         "fsdp settings do not apply to strategy ddp",
     ),
+    (
+        {"tracking": {"mlflow": {"trackingUri": "http://mlflow:5000", "usernameSecretRef": _REF}}},
+        "set usernameSecretRef and passwordSecretRef together",
+    ),
+    (
+        {
+            "tracking": {
+                "mlflow": {
+                    "trackingUri": "http://mlflow:5000",
+                    "tokenSecretRef": _REF,
+                    "usernameSecretRef": _REF,
+                    "passwordSecretRef": _REF,
+                }
+            }
+        },
+        "set tokenSecretRef or usernameSecretRef/passwordSecretRef, not both",
+    ),
 ]
 
 
@@ -168,6 +186,17 @@ CROSS_FIELD_CASES = [
         {"method": {"type": "qlora"}, "distributed": {"strategy": "ddp"}},
         {"method": {"type": "full"}, "distributed": {"strategy": "fsdp", "fsdp": {}}},
         {"resources": {"nodes": 4, "gpus": 8}},
+        {"tracking": {"mlflow": {"trackingUri": "https://m", "tokenSecretRef": _REF}}},
+        {
+            "tracking": {
+                "tensorboard": False,
+                "mlflow": {
+                    "trackingUri": "http://m:5000",
+                    "usernameSecretRef": _REF,
+                    "passwordSecretRef": _REF,
+                },
+            }
+        },
     ],
 )
 def test_valid_distributed_specs_pass_both_forms(patch: dict[str, Any]) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
+from kubetune_operator.api.types import FineTuneJobStatus
 from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.progress import changed_fields, status_from_progress
+from kubetune_operator.progress import changed_fields, status_from_progress, tracking_status
 
 pytestmark = pytest.mark.unit
 
@@ -65,3 +66,32 @@ def test_metrics_follow_jobs_and_are_removed_on_delete() -> None:
     text = generate_latest(metrics.registry).decode()
     assert 'kubetune_jobs{state="Running"} 0.0' in text
     assert 'name="a"' not in text
+
+
+def test_tracking_state_becomes_status_tracking() -> None:
+    ok = {
+        "mlflow": "ok",
+        "runId": "abc123",
+        "runUrl": "http://mlflow:5000/#/experiments/1/runs/abc123",
+        "tensorboard": "on",
+    }
+    status = status_from_progress({**REPORT, "tracking": ok}, "2026-11-23T12:00:00Z")
+    assert status["tracking"] == {
+        "mlflowRunId": "abc123",
+        "mlflowRunUrl": "http://mlflow:5000/#/experiments/1/runs/abc123",
+    }
+    FineTuneJobStatus.model_validate(status)  # the typed status accepts it
+
+    down = {"mlflow": "unavailable: cannot reach http://mlflow:5000: [Errno 111] refused"}
+    status = status_from_progress({**REPORT, "tracking": down}, "2026-11-23T12:00:00Z")
+    assert status["tracking"] == {
+        "message": "MLflow unavailable: cannot reach http://mlflow:5000: [Errno 111] refused; "
+        "training went on without it"
+    }
+    # Nothing tracked (or an older trainer): no status.tracking at all.
+    off = {"mlflow": "off", "tensorboard": "off"}
+    assert "tracking" not in status_from_progress({**REPORT, "tracking": off}, "t")
+    assert "tracking" not in status_from_progress(REPORT, "t")
+    assert tracking_status({"mlflow": "off", "tensorboardUri": "s3://b/j/adapter/tensorboard"}) == {
+        "tensorboardUri": "s3://b/j/adapter/tensorboard"
+    }

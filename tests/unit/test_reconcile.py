@@ -261,6 +261,34 @@ def test_success_records_rank0s_artifact_and_metrics() -> None:
     assert decision.status["metrics"] == {"trainLoss": 1.5, "evalLoss": 1.7, "perplexity": 5.4}
     assert _condition(decision, "Succeeded")["status"] == "True"
     assert decision.status["completionTime"] == "2026-11-23T12:00:00Z"
+    assert "tracking" not in decision.status  # the trainer reported no tracking
+
+
+def test_success_records_where_the_run_is_tracked() -> None:
+    result = {
+        "artifact": {"uri": "s3://out/job/adapter", "digest": "sha256:ab", "sizeBytes": 10},
+        "metrics": {"train_loss": 1.5},
+        "tracking": {
+            "mlflow": "ok",
+            "runId": "r1",
+            "runUrl": "http://mlflow/#/experiments/2/runs/r1",
+            "tensorboard": "on",
+            "tensorboardUri": "s3://out/job/adapter/tensorboard",
+        },
+    }
+    decision = reconcile(
+        _job(RUNNING),
+        [_attempt(1, condition="Complete")],
+        [_pod(1, "Succeeded", **_terminated(0, result, "Completed"))],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert decision.status["state"] == "Succeeded"
+    assert decision.status["tracking"] == {
+        "mlflowRunId": "r1",
+        "mlflowRunUrl": "http://mlflow/#/experiments/2/runs/r1",
+        "tensorboardUri": "s3://out/job/adapter/tensorboard",
+    }
 
 
 def test_a_failed_pod_is_not_acted_on_before_the_job_controller_fails_the_attempt() -> None:

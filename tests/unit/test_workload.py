@@ -191,3 +191,65 @@ def test_job_is_accepted_by_the_kubernetes_client_models() -> None:
     job = ApiClient()._ApiClient__deserialize(_job(), V1Job)
     assert job.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "1"
     assert job.spec.completion_mode == "Indexed"
+
+
+def _tracked_pod(mlflow: dict[str, Any], **tracking: Any) -> dict[str, Any]:
+    manifest = _manifest()
+    manifest["spec"]["tracking"] = {"mlflow": mlflow, **tracking}
+    job = parse_manifest(manifest)
+    template: dict[str, Any] = attempt_job(
+        job, uid="u", attempt=1, image="trainer:1", deadline_seconds=None, labels={}
+    )["spec"]["template"]
+    return template
+
+
+def test_mlflow_settings_reach_the_trainer_and_credentials_only_by_reference() -> None:
+    token = {"name": "mlflow-auth", "key": "token"}
+    pod = _tracked_pod(
+        {"trackingUri": "https://mlflow.example", "tokenSecretRef": token, "tags": {"team": "nlp"}}
+    )
+    env = _env(pod)
+    assert env["MLFLOW_TRACKING_TOKEN"] == {
+        "name": "MLFLOW_TRACKING_TOKEN",
+        "valueFrom": {"secretKeyRef": token},
+    }
+    assert "MLFLOW_TRACKING_USERNAME" not in env and "MLFLOW_TRACKING_PASSWORD" not in env
+    config = TrainerConfig.from_json(env["KUBETUNE_CONFIG"]["value"])
+    mlflow = config.tracking.mlflow
+    assert mlflow is not None and mlflow.tracking_uri == "https://mlflow.example"
+    assert mlflow.experiment == "ml-team"  # default: the job's namespace
+    assert mlflow.run_name == "llama3-8b-support-qlora"  # default: the job's name
+    assert mlflow.tags == {"team": "nlp"}
+    assert config.tracking.tensorboard is True
+    assert "mlflow-auth" not in env["KUBETUNE_CONFIG"]["value"]  # no secret names in config
+
+    user, password = {"name": "mlflow-basic", "key": "user"}, {"name": "mlflow-basic", "key": "pw"}
+    pod = _tracked_pod(
+        {
+            "trackingUri": "http://mlflow:5000",
+            "experiment": "support-bot",
+            "runName": "r1",
+            "usernameSecretRef": user,
+            "passwordSecretRef": password,
+        },
+        tensorboard=False,
+    )
+    env = _env(pod)
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"] == user
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == password
+    assert "MLFLOW_TRACKING_TOKEN" not in env
+    assert all("value" not in e for n, e in env.items() if n.startswith("MLFLOW_"))
+    config = TrainerConfig.from_json(env["KUBETUNE_CONFIG"]["value"])
+    assert config.tracking.mlflow is not None
+    assert (config.tracking.mlflow.experiment, config.tracking.mlflow.run_name) == (
+        "support-bot",
+        "r1",
+    )
+    assert config.tracking.tensorboard is False
+
+
+def test_without_tracking_no_mlflow_and_tensorboard_on() -> None:
+    env = _env(_pod())
+    assert not [name for name in env if name.startswith("MLFLOW_")]
+    config = TrainerConfig.from_json(env["KUBETUNE_CONFIG"]["value"])
+    assert config.tracking.mlflow is None and config.tracking.tensorboard is True

@@ -74,7 +74,9 @@ def _structural(node: Schema, defs: dict[str, Schema]) -> Schema:
             # Only int-or-string unions reach here; structural form lists bare types.
             out[key] = [{"type": branch["type"]} for branch in value]
         else:
-            out[key] = value
+            # A copy: a model used at several places (SecretKeyRef) must not share its
+            # lists, or the YAML dump writes anchors and aliases (&id001, *id001).
+            out[key] = copy.deepcopy(value)
     if out.get("x-kubernetes-preserve-unknown-fields"):
         out.pop("additionalProperties", None)
     if "required" in out and not out["required"]:

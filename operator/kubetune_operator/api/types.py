@@ -524,6 +524,77 @@ class DistributedSpec(ApiModel):
     )
 
 
+class MlflowTracking(ApiModel):
+    """An MLflow tracking server to log the run to (from rank 0)."""
+
+    trackingUri: str = Field(
+        min_length=1,
+        pattern=r"^https?://.+",
+        description=(
+            "http(s):// URL of the MLflow tracking server, reachable from the trainer pod. "
+            "If it is down, the job trains anyway and status.tracking says so."
+        ),
+        examples=["http://mlflow.mlops.svc:5000"],
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Experiment name, created if missing. Default: the job's namespace.",
+    )
+    runName: str | None = Field(
+        default=None, min_length=1, description="Run name. Default: the job's name."
+    )
+    tags: dict[str, str] | None = Field(
+        default=None,
+        description="Tags set on the run (kubetune adds kubetune.job, kubetune.artifactUri).",
+    )
+    tokenSecretRef: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a bearer token (MLFLOW_TRACKING_TOKEN in the pod).",
+    )
+    usernameSecretRef: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a basic-auth user (MLFLOW_TRACKING_USERNAME).",
+    )
+    passwordSecretRef: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the basic-auth password (MLFLOW_TRACKING_PASSWORD).",
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.usernameSecretRef) == has(self.passwordSecretRef)",
+            message="set usernameSecretRef and passwordSecretRef together",
+            holds=lambda m: (m.usernameSecretRef is None) == (m.passwordSecretRef is None),
+        ),
+        Rule(
+            cel="!(has(self.tokenSecretRef) && has(self.usernameSecretRef))",
+            message="set tokenSecretRef or usernameSecretRef/passwordSecretRef, not both",
+            holds=lambda m: m.tokenSecretRef is None or m.usernameSecretRef is None,
+            field_path=".tokenSecretRef",
+        ),
+    )
+
+
+class TrackingSpec(ApiModel):
+    """Experiment tracking: MLflow, and TensorBoard event files next to the adapter."""
+
+    mlflow: MlflowTracking | None = Field(
+        default=None,
+        description=(
+            "Log parameters, per-step and eval metrics, final metrics and the artifact URI "
+            "to this MLflow server. Unset: no MLflow."
+        ),
+    )
+    tensorboard: bool = Field(
+        default=True,
+        description=(
+            "Write TensorBoard event files into the artifact (<output.uri>/adapter/"
+            "tensorboard, or model/tensorboard for method full)."
+        ),
+    )
+
+
 # An object field whose own fields all have defaults: the CRD defaults it to {} so the
 # API server fills in the nested defaults too.
 _EMPTY_DEFAULT: dict[str, Any] = {"json_schema_extra": {"default": {}}}
@@ -555,6 +626,11 @@ class FineTuneJobSpec(ApiModel):
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec,
         description="How several GPUs, processes or nodes share the training.",
+        **_EMPTY_DEFAULT,
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment tracking: MLflow and TensorBoard.",
         **_EMPTY_DEFAULT,
     )
     image: str | None = Field(
@@ -670,6 +746,20 @@ class Artifact(ApiModel):
     sizeBytes: int = Field(ge=0, description="Total size of the artifact's files.")
 
 
+class TrackingStatus(ApiModel):
+    """Where the run is tracked, and whether the tracker answered."""
+
+    mlflowRunId: str | None = Field(default=None, description="The MLflow run's id.")
+    mlflowRunUrl: str | None = Field(default=None, description="The run in the MLflow UI.")
+    tensorboardUri: str | None = Field(
+        default=None, description="Directory of the TensorBoard event files (in the artifact)."
+    )
+    message: str | None = Field(
+        default=None,
+        description="Set when the tracker was unavailable: why (training went on without it).",
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator observed. Written only by the operator."""
 
@@ -689,6 +779,9 @@ class FineTuneJobStatus(ApiModel):
         default=None, description="Newest complete checkpoint."
     )
     artifact: Artifact | None = Field(default=None, description="The finished adapter.")
+    tracking: TrackingStatus | None = Field(
+        default=None, description="Experiment tracking: the MLflow run and TensorBoard files."
+    )
     message: str | None = Field(default=None, description="Human-readable summary.")
 
 
