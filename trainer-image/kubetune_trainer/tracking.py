@@ -65,6 +65,18 @@ MAX_PARAM_LENGTH = 500  # MLflow's historical limit; newer servers take more
 _PARAMS_PER_BATCH = 100  # log_batch's limit
 _METRICS_PER_BATCH = 900  # log_batch's limit is 1000 entries
 _QUEUE_LIMIT = 100_000
+_THREAD_NAME = "kubetune-mlflow"
+
+
+class _QuietRetries(logging.Filter):
+    """Drop urllib3's per-retry warnings from the MLflow thread: its one failure is
+    reported once, by us."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return threading.current_thread().name != _THREAD_NAME
+
+
+_QUIET_RETRIES = _QuietRetries()
 
 
 # --------------------------------------------------------------------------- what is logged
@@ -144,7 +156,7 @@ class MlflowRun:
         self.dropped = 0
         self._client: Any = None
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(_QUEUE_LIMIT)
-        self._thread = threading.Thread(target=self._work, name="kubetune-mlflow", daemon=True)
+        self._thread = threading.Thread(target=self._work, name=_THREAD_NAME, daemon=True)
 
     # Called from the training thread: never blocks (but for the final flush).
 
@@ -153,6 +165,7 @@ class MlflowRun:
     ) -> None:
         for name, value in CLIENT_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
+        logging.getLogger("urllib3.connectionpool").addFilter(_QUIET_RETRIES)  # idempotent
         self._thread.start()
         self._submit("start", params, tags, resume_run_id)
 
