@@ -1,10 +1,14 @@
 """The ``kubetune`` command.
 
     kubetune crd                      print the FineTuneJob CRD (generated from the API models)
-    kubetune validate -f job.yaml     check manifests exactly as the operator will
+    kubetune crd --kind FineTuneSweep print the FineTuneSweep CRD
+    kubetune validate -f job.yaml     check manifests (FineTuneJobs, FineTuneSweeps) as the
+                                      operator will
     kubetune docs                     print the field reference (docs/reference.md)
+    kubetune docs --kind FineTuneSweep  the sweep's field reference (docs/sweep-reference.md)
     kubetune tiny-model DIR           build a tiny offline model, tokenizer and dataset
     kubetune train -f job.yaml        run a FineTuneJob locally, no cluster needed
+    kubetune sweep -f sweep.yaml      run a FineTuneSweep locally, one trial after another
     kubetune operator                 run the operator (in the cluster, or against a kubeconfig)
 
 The trainer is imported only by the commands that train, so ``crd`` and ``validate``
@@ -18,13 +22,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .api.crd import crd_yaml
+from .api.crd import CRDS, crd_yaml
+from .api.sweep import KIND as SWEEP_KIND
+from .api.sweep import parse_sweep
 from .api.validation import InvalidManifest, parse_manifest
 from .manifests import ManifestFileError, read_documents
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
-    sys.stdout.write(crd_yaml())
+    sys.stdout.write(crd_yaml(args.kind))
     return 0
 
 
@@ -38,8 +44,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             failures += 1
             continue
         for document in documents:
+            body = document.body
+            kind = body.get("kind") if isinstance(body, dict) else None
             try:
-                job = parse_manifest(document.body)
+                if kind == SWEEP_KIND:
+                    name = parse_sweep(body).metadata.name
+                else:
+                    name = parse_manifest(body).metadata.name
             except InvalidManifest as invalid:
                 failures += 1
                 count = len(invalid.problems)
@@ -47,26 +58,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 for problem in invalid.problems:
                     print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
             else:
-                print(f"✓ {document.source}: FineTuneJob {job.metadata.name!r} is valid")
+                print(f"✓ {document.source}: {kind} {name!r} is valid")
     return 1 if failures else 0
 
 
 def _cmd_docs(args: argparse.Namespace) -> int:
     from .docs import field_reference_markdown
 
-    sys.stdout.write(field_reference_markdown())
+    sys.stdout.write(field_reference_markdown(args.kind))
     return 0
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from kubetune_trainer.tiny import build_tiny_model, generate_instruction_dataset
+    from kubetune_trainer.quiet import silence_library_noise
+    from kubetune_trainer.tiny import build_tiny_model, generate_quickstart_dataset
 
+    silence_library_noise()
     model_dir = build_tiny_model(Path(args.directory))
     print(f"tiny model and tokenizer: {model_dir}")
     if args.data:
         data = Path(args.data)
         data.mkdir(parents=True, exist_ok=True)
-        path = generate_instruction_dataset(data / "train.jsonl", n=args.rows)
+        path = generate_quickstart_dataset(data / "train.jsonl", n=args.rows)
         print(f"instruction dataset: {path}")
     return 0
 
@@ -131,10 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    crd = commands.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd = commands.add_parser("crd", help="print a CustomResourceDefinition")
+    crd.add_argument(
+        "--kind", choices=sorted(CRDS), default="FineTuneJob", help="default FineTuneJob"
+    )
     crd.set_defaults(run=_cmd_crd)
 
-    validate = commands.add_parser("validate", help="check FineTuneJob manifests")
+    validate = commands.add_parser("validate", help="check FineTuneJob/FineTuneSweep manifests")
     validate.add_argument(
         "-f",
         "--filename",
@@ -144,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.set_defaults(run=_cmd_validate)
 
-    docs = commands.add_parser("docs", help="print the FineTuneJob field reference (Markdown)")
+    docs = commands.add_parser("docs", help="print a field reference (Markdown)")
+    docs.add_argument(
+        "--kind", choices=sorted(CRDS), default="FineTuneJob", help="default FineTuneJob"
+    )
     docs.set_defaults(run=_cmd_docs)
 
     tiny = commands.add_parser("tiny-model", help="build a tiny offline model for trying things")

@@ -11,13 +11,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kubetune_operator.api.crd import crd, crd_yaml, openapi_schema
+from kubetune_operator.api.crd import crd, crd_yaml, openapi_schema, sweep_openapi_schema
 from kubetune_operator.api.validation import parse_manifest, validate_manifest
 
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "finetunejobs.kubetune.io.yaml"
+SWEEP_CRD_FILE = ROOT / "crds" / "finetunesweeps.kubetune.io.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
@@ -33,14 +34,19 @@ def _nodes(schema: dict[str, Any], path: str = ""):
 
 def test_crd_file_is_generated_output() -> None:
     assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `kubetune crd > crds/...`"
+    assert SWEEP_CRD_FILE.read_text() == crd_yaml("FineTuneSweep"), (
+        "crds/ is stale: run `kubetune crd --kind FineTuneSweep > crds/finetunesweeps...`"
+    )
 
 
-def test_crd_passes_kubernetes_validate_strict() -> None:
-    kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), "1.37.0", strict=True)
+@pytest.mark.parametrize("path", [CRD_FILE, SWEEP_CRD_FILE], ids=lambda p: p.name)
+def test_crd_passes_kubernetes_validate_strict(path: Path) -> None:
+    kubernetes_validate.validate(yaml.safe_load(path.read_text()), "1.37.0", strict=True)
 
 
-def test_schema_is_structural_and_documented() -> None:
-    for path, node in _nodes(openapi_schema()):
+@pytest.mark.parametrize("schema", [openapi_schema, sweep_openapi_schema], ids=lambda f: f.__name__)
+def test_schema_is_structural_and_documented(schema) -> None:
+    for path, node in _nodes(schema()):
         assert "$ref" not in node and "allOf" not in node and "oneOf" not in node, path
         if node.get("x-kubernetes-int-or-string"):
             assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}], path

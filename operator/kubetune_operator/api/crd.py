@@ -1,4 +1,4 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the API models.
+"""Generate the CustomResourceDefinitions (FineTuneJob, FineTuneSweep) from the API models.
 
 The pydantic JSON schema is rewritten into a *structural* OpenAPI v3 schema, the form
 the API server demands: references inlined, ``anyOf [X, null]`` collapsed to X, titles
@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from . import sweep as sweep_api
 from .types import (
     API_VERSION,
     GROUP,
@@ -90,20 +91,19 @@ def _model_schema(model: Any) -> Schema:
     return _structural(schema, defs)
 
 
-def openapi_schema() -> Schema:
-    """The openAPIV3Schema of a FineTuneJob."""
-    spec = _model_schema(FineTuneJobSpec)
-    status = _model_schema(FineTuneJobStatus)
+def _resource_schema(kind: str, doc: str | None, spec_model: Any, status_model: Any) -> Schema:
+    spec = _model_schema(spec_model)
+    status = _model_schema(status_model)
     conditions = status["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
     return {
         "type": "object",
-        "description": FineTuneJob.__doc__,
+        "description": doc,
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string", "description": f"{API_VERSION}"},
-            "kind": {"type": "string", "description": KIND},
+            "kind": {"type": "string", "description": kind},
             "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
@@ -111,9 +111,24 @@ def openapi_schema() -> Schema:
     }
 
 
+def openapi_schema() -> Schema:
+    """The openAPIV3Schema of a FineTuneJob."""
+    return _resource_schema(KIND, FineTuneJob.__doc__, FineTuneJobSpec, FineTuneJobStatus)
+
+
+def sweep_openapi_schema() -> Schema:
+    """The openAPIV3Schema of a FineTuneSweep."""
+    return _resource_schema(
+        sweep_api.KIND,
+        sweep_api.FineTuneSweep.__doc__,
+        sweep_api.FineTuneSweepSpec,
+        sweep_api.FineTuneSweepStatus,
+    )
+
+
 def crd() -> Schema:
     """The CustomResourceDefinition, as a dict."""
-    columns = [
+    columns: list[dict[str, Any]] = [
         {"name": "State", "type": "string", "jsonPath": ".status.state"},
         {
             "name": "Progress",
@@ -133,18 +148,60 @@ def crd() -> Schema:
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
+    return _crd_of(KIND, PLURAL, SINGULAR, SHORT_NAMES, columns, openapi_schema())
+
+
+def sweep_crd() -> Schema:
+    """The FineTuneSweep CustomResourceDefinition, as a dict."""
+    columns: list[dict[str, Any]] = [
+        {"name": "State", "type": "string", "jsonPath": ".status.state"},
+        {
+            "name": "Done",
+            "type": "integer",
+            "jsonPath": ".status.counts.done",
+            "description": "Finished trials: succeeded + failed + pruned",
+        },
+        {"name": "Running", "type": "integer", "jsonPath": ".status.counts.running"},
+        {
+            "name": "Best",
+            "type": "number",
+            "jsonPath": ".status.bestTrial.value",
+            "description": "The best objective value so far",
+        },
+        {"name": "Trial", "type": "string", "jsonPath": ".status.bestTrial.name", "priority": 1},
+        {"name": "Max", "type": "integer", "jsonPath": ".spec.maxTrials", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return _crd_of(
+        sweep_api.KIND,
+        sweep_api.PLURAL,
+        sweep_api.SINGULAR,
+        sweep_api.SHORT_NAMES,
+        columns,
+        sweep_openapi_schema(),
+    )
+
+
+def _crd_of(
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    columns: list[dict[str, Any]],
+    schema: Schema,
+) -> Schema:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": ["kubetune"],
             },
             "scope": "Namespaced",
@@ -155,14 +212,23 @@ def crd() -> Schema:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": columns,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
 
 
-def crd_yaml() -> str:
-    """The CRD as the YAML written to crds/ (stable: same models, same bytes)."""
-    header = "# Generated by `kubetune crd` from the API models. Do not edit by hand.\n"
-    return header + yaml.safe_dump(copy.deepcopy(crd()), sort_keys=False, width=100)
+# The CRDs by kind, and the file each is written to in crds/ (and helm/kubetune/crds/).
+CRDS = {KIND: crd, sweep_api.KIND: sweep_crd}
+
+
+def crd_filename(kind: str = KIND) -> str:
+    return f"{CRDS[kind]()['metadata']['name']}.yaml"
+
+
+def crd_yaml(kind: str = KIND) -> str:
+    """The CRD of ``kind`` as the YAML written to crds/ (stable: same models, same bytes)."""
+    command = "kubetune crd" if kind == KIND else f"kubetune crd --kind {kind}"
+    header = f"# Generated by `{command}` from the API models. Do not edit by hand.\n"
+    return header + yaml.safe_dump(copy.deepcopy(CRDS[kind]()), sort_keys=False, width=100)

@@ -49,9 +49,11 @@ def _format_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+def _model_at(
+    loc: tuple[int | str, ...], root: type[BaseModel] = FineTuneJob
+) -> type[BaseModel] | None:
     """The API model that owns the last field of ``loc`` (None when it is not a model)."""
-    model: type[BaseModel] | None = FineTuneJob
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if model is None or isinstance(part, int):
             continue
@@ -81,14 +83,14 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _problem(error: Any) -> Problem:
+def _problem(error: Any, root: type[BaseModel] = FineTuneJob, prefix: str = "") -> Problem:
     loc: tuple[int | str, ...] = tuple(error["loc"])
-    path = _format_path(loc)
+    path = _format_path(((prefix,) if prefix else ()) + loc)
     kind = error["type"]
     ctx = error.get("ctx", {})
     got = error.get("input")
     field_names = [p for p in loc if isinstance(p, str)]
-    model = _model_at(loc) if field_names else None
+    model = _model_at(loc, root) if field_names else None
     name = str(loc[-1]) if loc else ""
     hint = _describe(model, name)
 
@@ -128,7 +130,7 @@ def _problem(error: Any) -> Problem:
         return Problem(path, f"must be {_article(expected)} (got {_show(got)})", hint)
     message = str(error["msg"]).removeprefix("Value error, ")
     # A broken cross-field rule names the field it is about, as the API server does.
-    rules = getattr(_model_at((*loc, "")), "rules", ()) if field_names else ()
+    rules = getattr(_model_at((*loc, ""), root), "rules", ()) if field_names else ()
     broken = [r for r in rules if r.message == message and r.field_path]
     if len(broken) == 1:
         path += broken[0].field_path
@@ -146,6 +148,14 @@ def _article(word: str) -> str:
         "str": "a string",
     }
     return names.get(word, f"a {word}")
+
+
+def problems_of(
+    error: ValidationError, root: type[BaseModel] = FineTuneJob, prefix: str = ""
+) -> list[Problem]:
+    """The problems of a failed validation of ``root`` (a model of this API), each path
+    prefixed with ``prefix`` (e.g. "spec" when ``root`` is a spec model)."""
+    return [_problem(e, root, prefix) for e in error.errors()]
 
 
 def parse_manifest(document: Any) -> FineTuneJob:
