@@ -120,3 +120,39 @@ def test_dataset_is_deterministic_per_seed(tmp_path: Path) -> None:
     c = generate_instruction_dataset(tmp_path / "c.jsonl", n=50, seed=8).read_bytes()
     assert a == b
     assert a != c
+
+
+def test_quickstart_dataset_answers_follow_from_the_prompts(tmp_path: Path) -> None:
+    from kubetune_trainer.tiny import _COLOURS, generate_quickstart_dataset
+
+    rows = _rows(generate_quickstart_dataset(tmp_path / "q.jsonl", n=400, seed=0))
+    assert len(rows) == 400
+    assert len({json.dumps(row, sort_keys=True) for row in rows}) == 400  # all distinct
+    kinds: dict[str, int] = {}
+    for row in rows:
+        instruction, text, output = row["instruction"], row["input"], row["output"]
+        if instruction == "What is the first word?":
+            kind, expected = "first", text.split()[0]
+        elif instruction == "What is the last word?":
+            kind, expected = "last", text.split()[-1]
+        elif "colour" in instruction:
+            thing = text or instruction.split(" of ")[-1].split(" is ")[-1].rstrip("?.")
+            kind, expected = "colour", _COLOURS[thing]
+        else:
+            kind, expected = "next", str(int(instruction.rstrip("?.").split()[-1]) + 1)
+        assert output == expected, row
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert set(kinds) == {"first", "last", "colour", "next"}
+    assert min(kinds.values()) >= 40, kinds
+    again = generate_quickstart_dataset(tmp_path / "again.jsonl", n=400, seed=0)
+    assert again.read_bytes() == (tmp_path / "q.jsonl").read_bytes()
+
+
+def test_tiny_output_layer_leaves_room_to_learn(tiny_model: Path) -> None:
+    """lm_head drawn at TINY_OUTPUT_STD: at the config's 0.02 a frozen random head caps
+    how far any logit can move (the README's job could not get below loss ≈ 5.6)."""
+    from kubetune_trainer.tiny import TINY_OUTPUT_STD
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert float(model.lm_head.weight.std()) == pytest.approx(TINY_OUTPUT_STD, rel=0.05)
+    assert float(model.model.embed_tokens.weight.std()) == pytest.approx(0.02, rel=0.05)

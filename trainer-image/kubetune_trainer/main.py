@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -55,7 +56,9 @@ def _install_sigterm(stop: threading.Event, state: ProgressState) -> None:
 def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
     """Run one attempt of a job; returns the exit code. Never raises for expected failures."""
     from . import train
+    from .quiet import silence_library_noise
 
+    silence_library_noise()  # every process: run_local, the pod, each torchrun rank
     world = World.from_env()
     state = ProgressState(world_size=world.size)
     stop = threading.Event()
@@ -154,18 +157,35 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
             f"{stats.get('train_sequences', 0)} sequences)"
         )
     if "first_train_loss" in metrics:
+        first = metrics["first_train_loss"]
+        last = metrics.get("train_loss_smoothed", metrics["train_loss"])
         lines.append(
-            f"  train loss   {metrics['first_train_loss']:.4f} → {metrics['train_loss']:.4f}"
+            f"  train loss   {first:.4f} → {last:.4f}{_change(first, last)} "
+            f"(first step → {'moving average' if 'train_loss_smoothed' in metrics else 'last'})"
         )
     if "eval_loss" in metrics:
-        lines.append(
-            f"  eval loss    {metrics['eval_loss']:.4f} (perplexity {metrics['perplexity']:.2f})"
-        )
+        final = metrics["eval_loss"]
+        if "initial_eval_loss" in metrics:
+            initial = metrics["initial_eval_loss"]
+            lines.append(
+                f"  eval loss    {initial:.4f} → {final:.4f}{_change(initial, final)} "
+                f"(before training → after; perplexity {math.exp(min(initial, 50.0)):.1f} → "
+                f"{metrics['perplexity']:.2f})"
+            )
+        else:
+            lines.append(f"  eval loss    {final:.4f} (perplexity {metrics['perplexity']:.2f})")
     if "tokens_per_second" in metrics:
         lines.append(f"  throughput   {metrics['tokens_per_second']:.0f} non-pad tokens/s")
     lines.append(f"  adapter      {outcome.artifact.uri}")
     lines.append(f"  digest       {outcome.artifact.digest}")
     print("\n".join(lines))
+
+
+def _change(before: float, after: float) -> str:
+    """`` (-42%)``: the relative change from ``before`` to ``after`` (empty if undefined)."""
+    if before == 0 or not math.isfinite(before) or not math.isfinite(after):
+        return ""
+    return f" ({(after - before) / abs(before):+.0%})"
 
 
 def run_local(config: TrainerConfig) -> int:

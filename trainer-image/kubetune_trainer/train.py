@@ -38,6 +38,7 @@ from .checkpoints import RemoteCheckpoint, download_checkpoint, newest_complete,
 from .config import ResolvedStrategy, TrainerConfig, global_batch_size
 from .distributed import World
 from .errors import Preempted, Unsupported
+from .lossplot import ema, write_loss_plot
 from .progress import ProgressState
 from .storage import Store, fetch_to_local, open_store
 
@@ -220,12 +221,17 @@ def _training_arguments(
     has_eval: bool,
     world: World | None = None,
     strategy: ResolvedStrategy = "single",
+    fresh_start: bool = False,
 ) -> Any:
     from transformers import TrainingArguments
 
     world = world or World()
     t = config.training
     eval_steps = t.eval_every_steps if has_eval and t.eval_every_steps else None
+    # A run that evaluates periodically and starts from scratch also evaluates once before
+    # its first step (one more eval pass, like each periodic one), so the plot and the
+    # summary show where it started. A resumed run has that point in its restored history.
+    eval_on_start = fresh_start and eval_steps is not None
     # Packed: one sequence per device step already holds about batch_size examples.
     per_device = 1 if config.dataset.packing else t.batch_size
     args = TrainingArguments(
@@ -246,6 +252,7 @@ def _training_arguments(
         data_seed=t.seed,
         eval_strategy="steps" if eval_steps else "no",
         eval_steps=eval_steps,
+        eval_on_start=eval_on_start,
         save_strategy="steps" if t.checkpoint_every_steps else "no",
         save_steps=t.checkpoint_every_steps or 500,
         save_total_limit=1,
@@ -426,7 +433,13 @@ def _run(
         eval_collator=eval_collator,
         model=model,
         args=_training_arguments(
-            config, output_dir, precision, bool(eval_rows), world=world, strategy=strategy
+            config,
+            output_dir,
+            precision,
+            bool(eval_rows),
+            world=world,
+            strategy=strategy,
+            fresh_start=resume is None,
         ),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
@@ -589,10 +602,15 @@ def _trainer_class() -> Any:
 
 def _final_metrics(trainer: Any, has_eval: bool, state: ProgressState) -> dict[str, float]:
     metrics: dict[str, float] = {"steps": float(trainer.state.global_step)}
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    history = trainer.state.log_history
+    losses = [float(e["loss"]) for e in history if "loss" in e]
     if losses:
-        metrics["train_loss"] = float(losses[-1])
-        metrics["first_train_loss"] = float(losses[0])
+        metrics["train_loss"] = losses[-1]
+        metrics["first_train_loss"] = losses[0]
+        metrics["train_loss_smoothed"] = ema(losses)[-1]  # as loss.png draws it
+    initial = [e["eval_loss"] for e in history if "eval_loss" in e and e.get("step") == 0]
+    if initial:  # evaluated before the first step (eval_on_start)
+        metrics["initial_eval_loss"] = float(initial[0])
     if has_eval:
         eval_loss = float(trainer.evaluate()["eval_loss"])
         metrics["eval_loss"] = eval_loss
@@ -655,24 +673,5 @@ def _save_merged(adapter_dir: Path, model_dir: Path, target: Path) -> None:
 
 
 def _write_loss_plot(history: list[dict[str, Any]], path: Path, config: TrainerConfig) -> None:
-    if not config.reporting.loss_plot:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
-    figure, axes = plt.subplots(figsize=(7, 4))
-    if train:
-        axes.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        axes.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss")
-    axes.set_title(f"{config.job_name}: {config.method.type}")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    if config.reporting.loss_plot:
+        write_loss_plot(history, path, f"{config.job_name}: {config.method.type}")
