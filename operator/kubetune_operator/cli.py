@@ -18,13 +18,19 @@ work with the operator's dependencies alone.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .api.crd import CRDS, crd_yaml
 from .api.sweep import KIND as SWEEP_KIND
-from .api.sweep import parse_sweep
+from .api.sweep import parse_sweep, spec_field, spec_value
+from .api.types import API_VERSION
 from .api.validation import InvalidManifest, parse_manifest
 from .manifests import ManifestFileError, read_documents
 
@@ -118,6 +124,171 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return launch_local(trainer_config(job, output_uri=output), job.spec.world_size)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a FineTuneSweep on this machine, one trial after another, with the operator's
+    own sweep logic (reconcile_sweep): the same trials, names, parameters and best trial."""
+    from .sweep import reconcile_sweep
+
+    try:
+        documents = read_documents(args.filename)
+        if len(documents) != 1:
+            raise ManifestFileError(
+                f"{args.filename}: expected one FineTuneSweep, found {len(documents)} documents"
+            )
+        sweep = parse_sweep(documents[0].body)
+    except ManifestFileError as error:
+        print(f"✗ {error}", file=sys.stderr)
+        return 2
+    except InvalidManifest as invalid:
+        print(f"✗ {args.filename}: the sweep is not valid", file=sys.stderr)
+        for problem in invalid.problems:
+            print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
+        return 2
+    if sweep.spec.template.resources.nodes > 1:
+        print(
+            f"✗ {args.filename}: spec.template.resources.nodes is "
+            f"{sweep.spec.template.resources.nodes}, but `kubetune sweep` runs on this machine "
+            "only\n  hint: set it to 1, or apply the sweep to a cluster",
+            file=sys.stderr,
+        )
+        return 2
+    spec = copy.deepcopy(documents[0].body["spec"])
+    spec["parallelTrials"] = 1  # one trial after another
+    if args.output:
+        spec["template"]["output"] = {
+            **spec["template"].get("output", {}),
+            "uri": str(Path(args.output).resolve()),
+        }
+    name = sweep.metadata.name
+    body: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": SWEEP_KIND,
+        "metadata": {"name": name, "generation": 1},
+        "spec": spec,
+    }
+    metric = sweep.spec.objective.metric
+    trials: list[dict[str, Any]] = []
+    while True:
+        decision = reconcile_sweep(body, trials, require_object_storage=False)
+        body["status"] = decision.status
+        for trial in trials:
+            annotations = trial["metadata"].setdefault("annotations", {})
+            annotations.update(decision.annotate_trials.get(trial["metadata"]["name"], {}))
+        if decision.status.get("state") == "Invalid":
+            print(f"✗ {args.filename}: {decision.status.get('message')}", file=sys.stderr)
+            return 2
+        if not decision.create_trials:
+            break
+        for manifest in decision.create_trials:
+            trial = manifest["metadata"]["name"]
+            values = ", ".join(f"{k}={v}" for k, v in _trial_parameters(manifest).items())
+            print(f"\nkubetune: sweep {name}: trial {trial} ({values})", flush=True)
+            manifest["status"] = _run_trial(manifest)
+            trials.append(manifest)
+            _print_sweep_table(body, trials, metric)
+    status = decision.status
+    best = status.get("bestTrial")
+    print(
+        f"\n{'✓' if status.get('state') == 'Succeeded' else '✗'} sweep {name}: "
+        f"{status.get('message')}"
+    )
+    if best:
+        print(f"  best trial   {best['name']}: {metric} {best['value']:.4f}")
+        for path, value in best["parameters"].items():
+            print(f"    {path} = {value}")
+        if best.get("artifactUri"):
+            print(f"  adapter      {best['artifactUri']}")
+    return 0 if status.get("state") == "Succeeded" else 1
+
+
+def _trial_parameters(manifest: dict[str, Any]) -> dict[str, str]:
+    from .api.sweep import shown
+    from .sweep import PARAMS_ANNOTATION
+
+    params = json.loads(manifest["metadata"]["annotations"][PARAMS_ANNOTATION])
+    fields = {path: spec_field(path) for path in params}
+    return {path: shown(spec_value(fields[path], value)) for path, value in params.items()}
+
+
+def _run_trial(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Train one trial locally; its FineTuneJob status, as the operator would write it."""
+    from kubetune_trainer.main import TERMINATION_MESSAGE_ENV, launch_local
+    from kubetune_trainer.storage import open_store
+
+    from .translate import trainer_config
+
+    job = parse_manifest(manifest)
+    config = trainer_config(job)
+    previous = os.environ.get(TERMINATION_MESSAGE_ENV)
+    with tempfile.TemporaryDirectory(prefix="kubetune-sweep-") as scratch:
+        termination = Path(scratch) / "termination-log"
+        os.environ[TERMINATION_MESSAGE_ENV] = str(termination)
+        try:
+            code = launch_local(config, job.spec.world_size)
+        finally:
+            if previous is None:
+                os.environ.pop(TERMINATION_MESSAGE_ENV, None)
+            else:
+                os.environ[TERMINATION_MESSAGE_ENV] = previous
+        result: dict[str, Any] = {}
+        if termination.is_file() and termination.read_text().strip():
+            result = json.loads(termination.read_text())
+    if code != 0:
+        error = result.get("error") or {}
+        return {"state": "Failed", "message": error.get("message") or f"exit code {code}"}
+    if "metrics" not in result:
+        # Several processes (torchrun) keep their own termination message: read the
+        # artifact's manifest instead.
+        store = open_store(config.output.uri, endpoint_url=config.output.endpoint_url)
+        for folder in ("adapter", "model"):
+            if store.exists(f"{folder}/manifest.json"):
+                artifact = json.loads(store.get_bytes(f"{folder}/manifest.json"))
+                result = {"metrics": artifact.get("metrics") or {}}
+                result["artifact"] = {"uri": store.uri_for(folder)}
+                break
+    metrics = result.get("metrics") or {}
+    status: dict[str, Any] = {
+        "state": "Succeeded",
+        "metrics": {
+            target: metrics[source]
+            for source, target in (
+                ("train_loss", "trainLoss"),
+                ("eval_loss", "evalLoss"),
+                ("perplexity", "perplexity"),
+            )
+            if metrics.get(source) is not None
+        },
+    }
+    if result.get("artifact"):
+        status["artifact"] = result["artifact"]
+    return status
+
+
+def _print_sweep_table(body: dict[str, Any], trials: list[dict[str, Any]], metric: str) -> None:
+    """The trials so far: parameters, state, objective; the best marked."""
+    from .sweep import reconcile_sweep
+
+    status = reconcile_sweep(body, trials, require_object_storage=False).status
+    best = (status.get("bestTrial") or {}).get("name")
+    rows = [("trial", "parameters", "state", metric)]
+    for row in status.get("trials") or []:
+        value = row.get("value")
+        rows.append(
+            (
+                ("* " if row["name"] == best else "  ") + row["name"],
+                ", ".join(f"{k}={v}" for k, v in row["parameters"].items()),
+                row["state"],
+                "" if value is None else f"{value:.4f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if best:
+        print(f"best so far: {best}")
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from .handlers import OperatorConfig
     from .runner import Operator, OperatorOptions
@@ -180,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory when the job names none (default ./kubetune-output/<name>)",
     )
     train.set_defaults(run=_cmd_train)
+
+    sweep = commands.add_parser("sweep", help="run a FineTuneSweep locally, trial by trial")
+    sweep.add_argument("-f", "--filename", required=True, help="the FineTuneSweep manifest")
+    sweep.add_argument(
+        "-o",
+        "--output",
+        help="directory for the trials, instead of spec.template.output.uri "
+        "(trial n writes under DIR/<sweep>-<n>/)",
+    )
+    sweep.set_defaults(run=_cmd_sweep)
 
     from .workload import DEFAULT_IMAGE, PROGRESS_PORT
 

@@ -384,7 +384,7 @@ def ask(
     template = template_dict(spec)
     for _ in range(_ASK_ATTEMPTS):
         trial = study.ask(fixed_distributions=space.distributions)
-        params = space.rounded(trial.params)
+        params = space.rounded({path: trial.params[path] for path in space.distributions})
         if not trial_spec_problems(template, space.spec_values(params)):
             return params
         study.tell(trial, state=TrialState.FAIL)
@@ -417,7 +417,7 @@ def trial_manifest(
     metadata: dict[str, Any] = {
         "name": name,
         "labels": labels,
-        "annotations": {PARAMS_ANNOTATION: json.dumps(params, sort_keys=True)},
+        "annotations": {PARAMS_ANNOTATION: json.dumps(params)},  # in spec.parameters order
     }
     if meta.get("namespace"):
         metadata["namespace"] = meta["namespace"]
