@@ -8,7 +8,11 @@
   its Workload, which the operator does not watch);
 - a slower timer reconciles every job (deadlines, missed events);
 - on delete (behind a finalizer): delete the attempt Jobs, which stops the trainer pods;
-  artifacts are never touched.
+  artifacts are never touched;
+- every FineTuneSweep event and every event of one of its trials (FineTuneJobs labelled
+  ``kubetune.io/sweep``) → :func:`~kubetune_operator.sweep.reconcile_sweep` for that
+  sweep, plus a resync timer; deleting a sweep deletes its trials through their owner
+  references (the garbage collector), never their artifacts.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from typing import Any
 
 import kopf
 
+from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.types import GROUP, PLURAL, VERSION
 from .conditions import now_rfc3339
 from .kube import KubeApi
 from .metrics import OperatorMetrics
 from .progress import changed_fields, fetch_progress, status_from_progress
 from .reconcile import Decision, reconcile
+from .sweep import SWEEP_LABEL, SweepDecision, reconcile_sweep
 from .workload import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX,
@@ -93,6 +99,33 @@ class Reconciler:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         self.metrics.observe_state(namespace, name, decision.status.get("state"))
         self.metrics.observe_status(namespace, name, decision.status)
+
+    def reconcile_sweep(self, namespace: str, name: str, logger: logging.Logger | Any) -> None:
+        with self._locks[(namespace, f"sweep/{name}")]:
+            body = self.api.get_sweep(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            trials = self.api.list_trials(namespace, name, SWEEP_LABEL)
+            self._apply_sweep(body, reconcile_sweep(body, trials), logger)
+
+    def _apply_sweep(self, body: dict[str, Any], decision: SweepDecision, logger: Any) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        for trial in decision.create_trials:
+            created = self.api.create_trial(namespace, trial)
+            trial_name = trial["metadata"]["name"]
+            logger.info(f"trial {trial_name} {'created' if created else 'already exists'}")
+        for trial_name, notes in decision.annotate_trials.items():
+            self.api.patch_trial(namespace, trial_name, {"metadata": {"annotations": notes}})
+        for trial_name in decision.stop_trials:
+            self.api.patch_trial(namespace, trial_name, {"spec": {"suspend": True}})
+            logger.info(f"trial {trial_name} pruned (suspended)")
+        old = body.get("status") or {}
+        patch = {k: v for k, v in decision.status.items() if old.get(k) != v}
+        if patch:
+            self.api.patch_sweep_status(namespace, name, patch)
+        for event in decision.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        self.metrics.observe_sweep(namespace, name, decision.status)
 
     def poll_progress(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         with self._locks[(namespace, name)]:
@@ -175,6 +208,25 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     @kopf.on.delete(**job)
     def job_deleted(namespace: str, name: str, logger: Any, **_: Any) -> None:
         reconciler.stop(namespace, name, logger)
+
+    sweep = {"group": GROUP, "version": VERSION, "plural": SWEEP_PLURAL, "registry": registry}
+
+    @kopf.on.event(**sweep)
+    def sweep_changed(
+        event: dict[str, Any], namespace: str, name: str, logger: Any, **_: Any
+    ) -> None:
+        if event.get("type") == "DELETED":
+            reconciler.metrics.forget_sweep(namespace, name)
+            return
+        reconciler.reconcile_sweep(namespace, name, logger)
+
+    @kopf.on.event(**job, labels={SWEEP_LABEL: kopf.PRESENT})
+    def trial_changed(labels: dict[str, str], namespace: str, logger: Any, **_: Any) -> None:
+        reconciler.reconcile_sweep(namespace, labels[SWEEP_LABEL], logger)
+
+    @kopf.timer(**sweep, interval=config.resync_interval_seconds, initial_delay=5)
+    def resync_sweep(namespace: str, name: str, logger: Any, **_: Any) -> None:
+        reconciler.reconcile_sweep(namespace, name, logger)
 
     return registry
 

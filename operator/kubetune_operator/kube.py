@@ -1,7 +1,8 @@
 """The few Kubernetes API calls the operator makes, in one place.
 
 Every call here is one the chart's RBAC must grant (and nothing more): FineTuneJobs
-get/list/watch/patch (+ status and finalizers through kopf), batch Jobs
+get/list/watch/patch/create (+ status and finalizers through kopf; sweeps create their
+trials), FineTuneSweeps get/list/watch (+ status patch), batch Jobs
 create/list/watch/patch/delete, pods list/watch, Services create, Kueue Workloads list,
 events create. No Secrets, ever.
 """
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.types import GROUP, PLURAL, VERSION
 from .workload import job_selector
 
@@ -80,6 +82,65 @@ class KubeApi:
                 "patch_job_status",
                 lambda: self.custom.patch_namespaced_custom_object_status(
                     GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+                ),
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    # -- sweeps ---------------------------------------------------------------------------
+
+    def get_sweep(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call(
+                "get_sweep",
+                lambda: self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, SWEEP_PLURAL, name
+                ),
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def patch_sweep_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            self._call(
+                "patch_sweep_status",
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, SWEEP_PLURAL, name, {"status": status}
+                ),
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def list_trials(self, namespace: str, sweep: str, label: str) -> list[dict[str, Any]]:
+        """The FineTuneJobs labelled ``label=sweep`` (a sweep's trials)."""
+        answer = self._call(
+            "list_trials",
+            lambda: self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, label_selector=f"{label}={sweep}"
+            ),
+        )
+        return list((answer or {}).get("items") or [])
+
+    def create_trial(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create a trial FineTuneJob; False when it already exists."""
+        return self._create(
+            "create_trial",
+            lambda: self.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, manifest
+            ),
+        )
+
+    def patch_trial(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """Merge-patch a trial FineTuneJob the sweep owns (annotations, spec.suspend)."""
+        try:
+            self._call(
+                "patch_trial",
+                lambda: self.custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, patch
                 ),
             )
         except ApiException as error:

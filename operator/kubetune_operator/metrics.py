@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .api.types import JobState
 
 STATES: tuple[str, ...] = JobState.__args__  # type: ignore[attr-defined]
+SWEEP_TRIAL_STATES = ("Running", "Succeeded", "Failed", "Pruned")
 
 
 class OperatorMetrics:
@@ -57,6 +58,18 @@ class OperatorMetrics:
             self.job_eval_loss,
             self.job_tokens_per_second,
         )
+        self.sweep_trials = Gauge(
+            "kubetune_sweep_trials",
+            "Trials of a FineTuneSweep by state",
+            ["namespace", "name", "state"],
+            registry=r,
+        )
+        self.sweep_best = Gauge(
+            "kubetune_sweep_best_value",
+            "Best objective value of a FineTuneSweep",
+            labels,
+            registry=r,
+        )
         self._states: dict[tuple[str, str], str] = {}
         for state in STATES:
             self.jobs.labels(state=state).set(0)
@@ -91,6 +104,24 @@ class OperatorMetrics:
         for gauge in self._per_job:
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)
+
+    def observe_sweep(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Trials by state and the best value (status.counts and status.bestTrial)."""
+        counts = status.get("counts") or {}
+        for state in SWEEP_TRIAL_STATES:
+            value = counts.get(state.lower()) or 0
+            self.sweep_trials.labels(namespace, name, state).set(value)
+        best = (status.get("bestTrial") or {}).get("value")
+        if best is not None:
+            self.sweep_best.labels(namespace, name).set(best)
+
+    def forget_sweep(self, namespace: str, name: str) -> None:
+        """Drop a deleted sweep's series."""
+        for state in SWEEP_TRIAL_STATES:
+            with contextlib.suppress(KeyError):
+                self.sweep_trials.remove(namespace, name, state)
+        with contextlib.suppress(KeyError):
+            self.sweep_best.remove(namespace, name)
 
     def _refresh_states(self) -> None:
         counts = Tally(self._states.values())

@@ -1,8 +1,8 @@
 """The chart's RBAC grants exactly the API calls the operator makes: used-but-missing and
 granted-but-unused are both failures. The calls come from the emulator's audit log while
 the real operator handles an invalid job, a job that succeeds, a two-node job (its
-rendezvous Service), a suspended job, a job waiting in a Kueue queue and a job deleted
-while it runs (a stand-in trainer image keeps this fast)."""
+rendezvous Service), a sweep of one trial, a suspended job, a job waiting in a Kueue
+queue and a job deleted while it runs (a stand-in trainer image keeps this fast)."""
 
 from __future__ import annotations
 
@@ -59,6 +59,27 @@ def test_operator_uses_exactly_what_the_chart_grants(
                 "Kueue's message",
                 timeout=30,
             )
+            template = cluster.tiny_job("unused", image="fake:ok")["spec"]
+            cluster.custom.create_namespaced_custom_object(
+                "kubetune.io",
+                "v1alpha1",
+                "default",
+                "finetunesweeps",
+                {
+                    "apiVersion": "kubetune.io/v1alpha1",
+                    "kind": "FineTuneSweep",
+                    "metadata": {"name": "sweep"},
+                    "spec": {
+                        "template": template,
+                        "parameters": [
+                            {"path": "method.lora.r", "type": "categorical", "values": [4]}
+                        ],
+                        "objective": {"metric": "trainLoss"},
+                        "maxTrials": 1,
+                    },
+                },
+            )
+            cluster.wait_state("sweep-0", "Succeeded", timeout=30)  # the sweep's one trial
             cluster.apply(cluster.tiny_job("paused", image="fake:sleep"))
             cluster.wait_state("paused", "Running", timeout=30)
             cluster.patch_spec("paused", {"suspend": True})

@@ -368,9 +368,15 @@ EXPECTED_RULES = [
     {
         "apiGroups": ["kubetune.io"],
         "resources": ["finetunejobs"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["get", "list", "watch", "patch", "create"],
     },
     {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
+    {
+        "apiGroups": ["kubetune.io"],
+        "resources": ["finetunesweeps"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunesweeps/status"], "verbs": ["patch"]},
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
@@ -428,7 +434,7 @@ def test_rbac_owner_reference_enforcement_adds_only_finalizers() -> None:
     assert extra == [
         {
             "apiGroups": ["kubetune.io"],
-            "resources": ["finetunejobs/finalizers"],
+            "resources": ["finetunejobs/finalizers", "finetunesweeps/finalizers"],
             "verbs": ["update"],
         }
     ]

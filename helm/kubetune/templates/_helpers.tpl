@@ -82,13 +82,19 @@ operator/kubetune_operator/kube.py and handlers.py). No Secrets, no wildcards. *
 {{- define "kubetune.rbacRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch", "create"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunesweeps"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunesweeps/status"]
+  verbs: ["patch"]
 {{- if .Values.rbac.ownerReferencesPermissionEnforcement }}
 - apiGroups: ["kubetune.io"]
-  resources: ["finetunejobs/finalizers"]
+  resources: ["finetunejobs/finalizers", "finetunesweeps/finalizers"]
   verbs: ["update"]
 {{- end }}
 - apiGroups: ["batch"]
