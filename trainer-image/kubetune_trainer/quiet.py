@@ -5,7 +5,9 @@ Called once at the start of the trainer (every process, torchrun ranks included)
 message, so a new or real warning from the same library still shows:
 
 - transformers' own FutureWarnings about deprecated names it (or peft) calls itself,
-  e.g. ``is_gradient_checkpointing``: nothing in a job spec changes them;
+  ``is_gradient_checkpointing`` (peft calls it) and ``gradient_checkpointing_enable``
+  (peft's k-bit preparation calls it, and so, for now, does our modeling.py): nothing
+  in a job spec changes them;
 - transformers' "mtime may not be reliable on this filesystem" (logged when two
   checkpoints are less than a second apart, as a tiny job's are; it then sorts them by
   step number, which is what we want);
@@ -25,6 +27,7 @@ import warnings
 # (category, message regex, module regex) passed to warnings.filterwarnings.
 IGNORED_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers(\.|$)"),
+    (FutureWarning, r"`gradient_checkpointing_enable` is deprecated", r"transformers(\.|$)"),
 )
 
 # logger name → message regexes dropped from that logger (other records pass).

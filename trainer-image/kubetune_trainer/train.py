@@ -182,8 +182,8 @@ def _callbacks(
             self, args: Any, tstate: Any, control: Any, metrics: Any = None, **kw: Any
         ) -> None:
             loss = (metrics or {}).get("eval_loss")
-            if loss is None:
-                return
+            if loss is None or tstate.global_step == 0:
+                return  # step 0: the baseline before training (eval_on_start) counts for nothing
             if loss < self.best - self.min_delta:
                 self.best, self.bad_evals = loss, 0
             else:
