@@ -72,6 +72,12 @@ def status_from_progress(progress: dict[str, Any], checkpoint_time: str) -> dict
         "tokensPerSecond": _rounded(progress.get("tokens_per_second"), 0),
     }
     status["metrics"] = {k: v for k, v in metrics.items() if v is not None}
+    evaluations = progress.get("evaluations") or {}
+    if evaluations:
+        status["evaluations"] = [
+            {"step": int(step), "evalLoss": _rounded(loss)}
+            for step, loss in sorted(evaluations.items(), key=lambda item: int(item[0]))
+        ]
     tracking = tracking_status(progress.get("tracking"))
     if tracking:
         status["tracking"] = tracking

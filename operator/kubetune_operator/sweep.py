@@ -212,8 +212,13 @@ def objective_value(status: dict[str, Any], metric: str) -> float | None:
     metrics = status.get("metrics") or {}
     value = metrics.get(metric)
     if value is None and metric == "perplexity" and metrics.get("evalLoss") is not None:
-        value = math.exp(min(float(metrics["evalLoss"]), 50.0))
+        value = _objective(float(metrics["evalLoss"]), metric)
     return None if value is None else float(value)
+
+
+def _objective(eval_loss: float, metric: str) -> float:
+    """The objective an eval loss stands for (evalLoss, or perplexity)."""
+    return math.exp(min(eval_loss, 50.0)) if metric == "perplexity" else eval_loss
 
 
 def _observed_step(status: dict[str, Any], metric: str, eval_every: int) -> int | None:
@@ -242,6 +247,11 @@ def view_trial(child: dict[str, Any], metric: str, eval_every: int = 0) -> Trial
     for key, item in _json_annotation(annotations, INTERMEDIATE_ANNOTATION).items():
         if str(key).isdigit() and isinstance(item, int | float):
             intermediate[int(key)] = float(item)
+    if metric != "trainLoss":  # the trainer's own record of its evaluations, when it has one
+        for evaluation in status.get("evaluations") or []:
+            step, loss = evaluation.get("step"), evaluation.get("evalLoss")
+            if isinstance(step, int) and step > 0 and isinstance(loss, int | float):
+                intermediate[step] = _objective(float(loss), metric)
     state = TrialState.RUNNING
     if pruned is not None:
         state = TrialState.PRUNED
@@ -281,7 +291,7 @@ def observe_intermediate(
     raw = metrics.get("trainLoss" if metric == "trainLoss" else "evalLoss")
     if step is None or raw is None:
         return False
-    value = float(raw) if metric != "perplexity" else math.exp(min(float(raw), 50.0))
+    value = float(raw) if metric == "trainLoss" else _objective(float(raw), metric)
     if view.intermediate and view.intermediate[max(view.intermediate)] == value:
         return False
     if view.intermediate and step < max(view.intermediate):
@@ -607,8 +617,10 @@ def reconcile_sweep(
         view = view_trial(child, metric, eval_every)
         if labels.get(SWEEP_LABEL) != name or view is None:
             continue
-        if observe_intermediate(view, child, metric, eval_every):
-            b.annotate(view.name, INTERMEDIATE_ANNOTATION, _intermediate_json(view.intermediate))
+        observe_intermediate(view, child, metric, eval_every)
+        recorded = _intermediate_json(view.intermediate)
+        if view.intermediate and view.annotations.get(INTERMEDIATE_ANNOTATION) != recorded:
+            b.annotate(view.name, INTERMEDIATE_ANNOTATION, recorded)
         views.append(view)
     views.sort(key=lambda v: v.number)
 

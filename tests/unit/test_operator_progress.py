@@ -41,6 +41,8 @@ def test_status_from_progress() -> None:
         "tokensPerSecond": 1235.0,
     }
     assert status["lastCheckpoint"]["step"] == 8
+    history = status_from_progress({**REPORT, "evaluations": {"20": 1.9, "10": 2.25}}, "t")
+    assert history["evaluations"] == [{"step": 10, "evalLoss": 2.25}, {"step": 20, "evalLoss": 1.9}]
 
 
 def test_unchanged_report_writes_nothing() -> None:

@@ -400,3 +400,28 @@ def test_a_good_running_trial_is_not_pruned() -> None:
     decision = reconcile_sweep(body, children, now=NOW)
     assert decision.stop_trials == [] and decision.status["counts"]["pruned"] == 0
     assert decision.status["trials"][2]["state"] == "Running"
+
+
+def test_a_trials_own_evaluation_history_feeds_the_pruner() -> None:
+    """status.evaluations holds every recent evaluation, so a poll that missed one (the
+    status shows only the latest eval loss) loses nothing."""
+    body = _body(pruning={"type": "median", "startupTrials": 1}, parallelTrials=2)
+    children = copy.deepcopy(reconcile_sweep(body, [], now=NOW).create_trials)
+    children[0]["status"] = {
+        "state": "Succeeded",
+        "metrics": {"evalLoss": 1.0},
+        "evaluations": [
+            {"step": 0, "evalLoss": 7.0},  # before training: not an intermediate value
+            {"step": 10, "evalLoss": 1.5},
+            {"step": 20, "evalLoss": 1.2},
+        ],
+    }
+    _running(children[1], 27, 4.0)  # latest eval at 20; the one at 10 only in the history
+    children[1]["status"]["evaluations"] = [
+        {"step": 10, "evalLoss": 4.5},
+        {"step": 20, "evalLoss": 4.0},
+    ]
+    decision = reconcile_sweep(body, children, now=NOW)
+    assert decision.stop_trials == ["lr-1"]
+    recorded = json.loads(decision.annotate_trials["lr-1"][INTERMEDIATE_ANNOTATION])
+    assert recorded == {"10": 4.5, "20": 4.0}

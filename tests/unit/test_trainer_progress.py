@@ -64,3 +64,17 @@ def test_first_error_of_the_pod_is_kept(tmp_path: Path) -> None:
     assert exit_code_of(1, path) == 20
     assert exit_code_of(0, path) == 0
     assert exit_code_of(1, tmp_path / "missing") == 1
+
+
+def test_recent_evaluations_are_kept_for_the_poller() -> None:
+    from kubetune_trainer.progress import EVALUATIONS_KEPT
+
+    state = ProgressState()
+    for step in range(0, 10 * (EVALUATIONS_KEPT + 5), 10):
+        state.record_evaluation(step, 1.0 / (step + 1))
+    assert len(state.evaluations) == EVALUATIONS_KEPT
+    assert (
+        min(state.evaluations) == 50
+        and state.eval_loss == state.evaluations[max(state.evaluations)]
+    )
+    assert json.loads(json.dumps(state.as_json()))["evaluations"]["50"] == state.evaluations[50]

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 TERMINATION_MESSAGE_LIMIT = 4096
+EVALUATIONS_KEPT = 50
 
 
 @dataclass
@@ -50,6 +51,15 @@ class ProgressState:
     # Experiment tracking (tracking.Tracker.status): {"mlflow": "ok" | "off" |
     # "unavailable: <reason>", "runId", "runUrl", "tensorboard": "on" | "off", ...}
     tracking: dict[str, str] = field(default_factory=dict)
+    # Recent evaluations, step -> eval loss (the latest EVALUATIONS_KEPT), so that a poller
+    # sees every evaluation, not only the one that happened to be latest when it asked.
+    evaluations: dict[int, float] = field(default_factory=dict)
+
+    def record_evaluation(self, step: int, loss: float) -> None:
+        self.eval_loss = loss
+        self.evaluations[step] = loss
+        for old in sorted(self.evaluations)[:-EVALUATIONS_KEPT]:
+            del self.evaluations[old]
 
     @property
     def percent(self) -> int:

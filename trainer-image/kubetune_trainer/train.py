@@ -145,7 +145,7 @@ def _callbacks(
             if "learning_rate" in logs:
                 state.learning_rate = float(logs["learning_rate"])
             if "eval_loss" in logs:
-                state.eval_loss = float(logs["eval_loss"])
+                state.record_evaluation(int(tstate.global_step), float(logs["eval_loss"]))
 
         def on_train_end(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
             if self.bar is not None:

@@ -730,6 +730,13 @@ class Metrics(ApiModel):
     )
 
 
+class Evaluation(ApiModel):
+    """One evaluation during training."""
+
+    step: int = Field(ge=0, description="Optimizer step of the evaluation (0: before training).")
+    evalLoss: float = Field(description="Loss on the validation data.")
+
+
 class CheckpointRef(ApiModel):
     """The newest complete checkpoint."""
 
@@ -775,6 +782,10 @@ class FineTuneJobStatus(ApiModel):
     attempts: int | None = Field(default=None, ge=0, description="Trainer attempts so far.")
     progress: Progress | None = Field(default=None, description="Training progress.")
     metrics: Metrics | None = Field(default=None, description="Latest metrics.")
+    evaluations: list[Evaluation] | None = Field(
+        default=None,
+        description="Recent evaluations (the latest 50), e.g. for a sweep's early stopping.",
+    )
     lastCheckpoint: CheckpointRef | None = Field(
         default=None, description="Newest complete checkpoint."
     )
