@@ -107,3 +107,31 @@ def test_six_trial_tpe_sweep_two_at_a_time_survives_a_restart(
     before = base(input_ids=ids).logits
     tuned = PeftModel.from_pretrained(base, str(local))
     assert not torch.allclose(before, tuned(input_ids=ids).logits, atol=1e-4)
+
+
+def test_pruning_stops_a_clearly_worse_trial(cluster: Cluster) -> None:
+    # One at a time, every learning rate once; a learning rate of 1e-9 learns nothing, so
+    # at its first evaluation it is worse than the median of the finished trials.
+    sweep = _sweep(
+        cluster,
+        "prune",
+        parameters=[
+            {"path": "training.learningRate", "type": "categorical", "values": ["3e-3", "1e-9"]}
+        ],
+        algorithm={"type": "grid", "seed": 2},  # seed 2 happens to try 3e-3 first
+        pruning={"type": "median", "startupTrials": 1},
+        maxTrials=2,
+    )
+    sweep["spec"]["template"]["training"].update(maxSteps=60, evalEverySteps=5)
+    cluster.custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, sweep)
+    done = _wait(cluster, "prune", lambda s: s.get("state") == "Succeeded", "Succeeded", 300)
+    by_lr = {t["spec"]["training"]["learningRate"]: t for t in _trials(cluster, "prune")}
+    assert set(by_lr) == {"3e-3", "1e-9"}
+    good, bad = by_lr["3e-3"], by_lr["1e-9"]
+    assert good["metadata"]["name"] == "prune-0", "the grid ran the bad rate first (seed?)"
+    assert bad["spec"]["suspend"] is True  # stopped, not deleted
+    assert bad["metadata"]["annotations"]["kubetune.io/sweep-pruned"].startswith("pruned at")
+    assert (bad["status"].get("progress") or {}).get("step", 0) < 60
+    counts = done["status"]["counts"]
+    assert counts["pruned"] == 1 and counts["succeeded"] == 1 and counts["failed"] == 0
+    assert done["status"]["bestTrial"]["name"] == "prune-0"
