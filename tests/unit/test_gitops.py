@@ -26,6 +26,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "helm" / "kubetune" / "files" / "finetunejob-health.lua"
+SWEEP_LUA = ROOT / "helm" / "kubetune" / "files" / "finetunesweep-health.lua"
 GITOPS = ROOT / "examples" / "gitops"
 
 
@@ -133,8 +134,42 @@ def test_chart_ships_the_same_lua_only_when_asked() -> None:
     values = {"argocd": {"healthCheck": {"enabled": True}, "namespace": "gitops"}}
     [config_map] = of_kind(render_manifests(values), "ConfigMap")
     assert config_map["metadata"]["namespace"] == "gitops"
-    key = "resource.customizations.health.kubetune.io_FineTuneJob"
-    assert config_map["data"][key].strip() == LUA.read_text().strip()
+    key = "resource.customizations.health.kubetune.io_"
+    assert config_map["data"][f"{key}FineTuneJob"].strip() == LUA.read_text().strip()
+    assert config_map["data"][f"{key}FineTuneSweep"].strip() == SWEEP_LUA.read_text().strip()
+
+
+def _sweep_observed(trials_done: bool) -> dict[str, Any]:
+    """A FineTuneSweep as the operator leaves it: running its first trial, or done."""
+    from kubetune_operator.sweep import reconcile_sweep
+
+    template = _body()["spec"]
+    body: dict[str, Any] = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": "sw", "namespace": "ns", "uid": "s", "generation": 1},
+        "spec": {
+            "template": template,
+            "parameters": [{"path": "method.lora.r", "type": "categorical", "values": [4]}],
+            "maxTrials": 1,
+        },
+    }
+    first = reconcile_sweep(body, [])
+    trials = first.create_trials
+    if trials_done:
+        trials[0]["status"] = {"state": "Succeeded", "metrics": {"evalLoss": 1.5}}
+    body["status"] = reconcile_sweep({**body, "status": first.status}, trials).status
+    return body
+
+
+@pytest.mark.parametrize(("done", "health"), [(False, "Progressing"), (True, "Healthy")])
+def test_argocd_sweep_health(done: bool, health: str) -> None:
+    obj = _sweep_observed(done)
+    runtime = lupa.LuaRuntime(unpack_returned_tuples=True)
+    check = runtime.execute(f"return function(obj)\n{SWEEP_LUA.read_text()}\nend")
+    result = check(runtime.table_from(obj, recursive=True))
+    assert result["status"] == health
+    assert "of 1 trials" in result["message"]
 
 
 # --------------------------------------------------------------------------- Flux / kstatus
