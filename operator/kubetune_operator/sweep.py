@@ -180,6 +180,7 @@ class TrialView:
     artifact_uri: str | None
     message: str
     annotations: dict[str, str] = field(default_factory=dict)
+    suspended: bool = False  # the trial's spec.suspend
 
     @property
     def finished(self) -> bool:
@@ -273,6 +274,7 @@ def view_trial(child: dict[str, Any], metric: str, eval_every: int = 0) -> Trial
         pruner_state=_json_annotation(annotations, PRUNER_ANNOTATION),
         pruned=pruned,
         artifact_uri=(status.get("artifact") or {}).get("uri"),
+        suspended=bool((child.get("spec") or {}).get("suspend")),
         message=message,
         annotations=annotations,
     )
@@ -624,6 +626,11 @@ def reconcile_sweep(
         views.append(view)
     views.sort(key=lambda v: v.number)
 
+    # A trial marked pruned but still running (the operator stopped between annotating and
+    # suspending it) is suspended now.
+    for view in views:
+        if view.pruned and not view.suspended and view.job_state not in TERMINAL_STATES:
+            b.decision.stop_trials.append(view.name)
     _prune(b, spec, space, views)
     _trial_events(b, views, metric)
 

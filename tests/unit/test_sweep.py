@@ -425,3 +425,15 @@ def test_a_trials_own_evaluation_history_feeds_the_pruner() -> None:
     assert decision.stop_trials == ["lr-1"]
     recorded = json.loads(decision.annotate_trials["lr-1"][INTERMEDIATE_ANNOTATION])
     assert recorded == {"10": 4.5, "20": 4.0}
+
+
+def test_a_trial_marked_pruned_but_not_yet_suspended_is_suspended() -> None:
+    """The operator annotated the trial as pruned and died before suspending it."""
+    body = _body(pruning={"type": "median", "startupTrials": 1})
+    children = copy.deepcopy(reconcile_sweep(body, [], now=NOW).create_trials)
+    _running(children[0], 13, 2.5)
+    children[0]["metadata"]["annotations"][PRUNED_ANNOTATION] = "pruned at step 10: ..."
+    decision = reconcile_sweep(body, children, now=NOW)
+    assert decision.stop_trials == ["lr-0"]
+    children[0]["spec"]["suspend"] = True
+    assert reconcile_sweep(body, children, now=NOW).stop_trials == []
