@@ -23,9 +23,9 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .api.crd import CRDS, crd_yaml
 from .api.sweep import KIND as SWEEP_KIND
@@ -33,6 +33,8 @@ from .api.sweep import parse_sweep, spec_field, spec_value
 from .api.types import API_VERSION
 from .api.validation import InvalidManifest, parse_manifest
 from .manifests import ManifestFileError, read_documents
+
+T = TypeVar("T")
 
 
 def _cmd_crd(args: argparse.Namespace) -> int:
@@ -90,35 +92,52 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_one(filename: str, kind: str, parse: Callable[[Any], T]) -> tuple[T, Any] | None:
+    """The one document of ``filename`` parsed as ``kind`` and its raw body; None after
+    printing what is wrong (the field and the fix)."""
+    try:
+        documents = read_documents(filename)
+        if len(documents) != 1:
+            raise ManifestFileError(
+                f"{filename}: expected one {kind}, found {len(documents)} documents"
+            )
+        return parse(documents[0].body), documents[0].body
+    except ManifestFileError as error:
+        print(f"✗ {error}", file=sys.stderr)
+    except InvalidManifest as invalid:
+        print(f"✗ {filename}: the {kind} is not valid", file=sys.stderr)
+        for problem in invalid.problems:
+            print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
+    return None
+
+
+def _runs_here(filename: str, field: str, nodes: int, hint: str) -> bool:
+    """Local commands run on this machine only: refuse several nodes, naming the field."""
+    if nodes > 1:
+        print(
+            f"✗ {filename}: {field} is {nodes}, but this command runs on this machine only\n"
+            f"  hint: {hint}",
+            file=sys.stderr,
+        )
+    return nodes <= 1
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from kubetune_trainer.main import launch_local
 
     from .translate import trainer_config
 
-    try:
-        documents = read_documents(args.filename)
-        if len(documents) != 1:
-            raise ManifestFileError(
-                f"{args.filename}: expected one FineTuneJob, found {len(documents)} documents"
-            )
-        job = parse_manifest(documents[0].body)
-    except ManifestFileError as error:
-        print(f"✗ {error}", file=sys.stderr)
+    read = _read_one(args.filename, "FineTuneJob", parse_manifest)
+    if read is None:
         return 2
-    except InvalidManifest as invalid:
-        print(f"✗ {args.filename}: the job is not valid", file=sys.stderr)
-        for problem in invalid.problems:
-            print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
-        return 2
-    if job.spec.resources.nodes > 1:
-        print(
-            f"✗ {args.filename}: spec.resources.nodes is {job.spec.resources.nodes}, but "
-            "`kubetune train` runs on this machine only\n"
-            "  hint: set spec.resources.nodes to 1 (several processes: "
-            "spec.distributed.processesPerNode with gpus: 0, or gpus: N), or apply the job "
-            "to a cluster",
-            file=sys.stderr,
-        )
+    job, _ = read
+    if not _runs_here(
+        args.filename,
+        "spec.resources.nodes",
+        job.spec.resources.nodes,
+        "set spec.resources.nodes to 1 (several processes: spec.distributed.processesPerNode "
+        "with gpus: 0, or gpus: N), or apply the job to a cluster",
+    ):
         return 2
     output = str(Path(args.output).resolve()) if args.output else None
     return launch_local(trainer_config(job, output_uri=output), job.spec.world_size)
@@ -129,30 +148,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     own sweep logic (reconcile_sweep): the same trials, names, parameters and best trial."""
     from .sweep import reconcile_sweep
 
-    try:
-        documents = read_documents(args.filename)
-        if len(documents) != 1:
-            raise ManifestFileError(
-                f"{args.filename}: expected one FineTuneSweep, found {len(documents)} documents"
-            )
-        sweep = parse_sweep(documents[0].body)
-    except ManifestFileError as error:
-        print(f"✗ {error}", file=sys.stderr)
+    read = _read_one(args.filename, "FineTuneSweep", parse_sweep)
+    if read is None:
         return 2
-    except InvalidManifest as invalid:
-        print(f"✗ {args.filename}: the sweep is not valid", file=sys.stderr)
-        for problem in invalid.problems:
-            print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
+    sweep, raw = read
+    if not _runs_here(
+        args.filename,
+        "spec.template.resources.nodes",
+        sweep.spec.template.resources.nodes,
+        "set it to 1, or apply the sweep to a cluster",
+    ):
         return 2
-    if sweep.spec.template.resources.nodes > 1:
-        print(
-            f"✗ {args.filename}: spec.template.resources.nodes is "
-            f"{sweep.spec.template.resources.nodes}, but `kubetune sweep` runs on this machine "
-            "only\n  hint: set it to 1, or apply the sweep to a cluster",
-            file=sys.stderr,
-        )
-        return 2
-    spec = copy.deepcopy(documents[0].body["spec"])
+    spec = copy.deepcopy(raw["spec"])
     spec["parallelTrials"] = 1  # one trial after another
     if args.output:
         spec["template"]["output"] = {
