@@ -32,13 +32,16 @@ MODEL_SHAPE = {
     "num_attention_heads": 8,
     "num_key_value_heads": 4,
 }
+# bench/gpu_check.sh runs the same scripts on a bigger model: a JSON object of LlamaConfig
+# fields (vocab_size included) in $KUBETUNE_BENCH_SHAPE replaces the shape above.
+MODEL_SHAPE = json.loads(os.environ.get("KUBETUNE_BENCH_SHAPE") or "null") or MODEL_SHAPE
 
 # Alpaca-like lengths in tokens: lognormal with median 100 and mean 110 (sigma² = 2 ln 1.1),
 # clipped to [MIN_TOKENS, MAX_TOKENS].
-MEDIAN_TOKENS = 100
+MEDIAN_TOKENS = int(os.environ.get("KUBETUNE_BENCH_MEDIAN_TOKENS", "100"))
 SIGMA = math.sqrt(2 * math.log(1.1))
 MIN_TOKENS = 24
-MAX_TOKENS = 350
+MAX_TOKENS = int(os.environ.get("KUBETUNE_BENCH_MAX_TOKENS", "350"))
 
 INSTRUCTIONS = (
     "Reverse the words.",
@@ -54,8 +57,8 @@ def model_description() -> str:
     return (
         f"Llama, hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
         f"ffn {shape['intermediate_size']}, {shape['num_attention_heads']} heads "
-        f"({shape['num_key_value_heads']} kv), vocab 512 (kubetune tiny tokenizer), "
-        "random weights, fp32, sdpa attention"
+        f"({shape['num_key_value_heads']} kv), vocab {shape.get('vocab_size', 512)} "
+        "(kubetune tiny tokenizer), random weights, fp32 on CPU, sdpa attention"
     )
 
 

@@ -6,8 +6,9 @@ train/validation split, same tokenization and prompt masking, one epoch each:
 - baseline: ``transformers.Trainer`` + peft LoRA, ``DataCollatorForSeq2Seq`` padding to
   the longest in the batch, TrainingArguments defaults except the hyperparameters
   kubetune also sets (read from kubetune's own defaults: batch size, gradient
-  accumulation, learning rate, scheduler, warm-up, epochs, LoRA r/alpha/dropout/targets),
-  so that the losses compare;
+  accumulation, learning rate, scheduler, warm-up, epochs, LoRA r/alpha/targets), so
+  that the losses compare; LoRA dropout stays 0.05 (``--baseline-dropout``), what this
+  baseline used before kubetune's default became 0, so that numbers compare over time;
 - kubetune: ``kubetune_trainer.train.run`` with a default ``TrainerConfig`` (packing to
   ``max_seq_length`` 2048, ...) plus any ``--set`` overrides.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,6 +61,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (default: torch's)"
+    )
+    parser.add_argument(
+        "--shared-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="like --set, for both kubetune and the baseline (e.g. training.batch_size=8)",
+    )
+    parser.add_argument(
+        "--baseline-dropout",
+        type=float,
+        default=0.05,
+        help="the baseline's LoRA dropout (0.05: as measured before kubetune defaulted to 0)",
     )
     parser.add_argument(
         "--keep", type=Path, default=None, help="work in this directory and keep it"
@@ -115,9 +130,10 @@ def run_kubetune(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from kubetune_trainer import train
     from kubetune_trainer.progress import ProgressState
 
-    config = kubetune_config(args.workdir, run_dir, args.set)
+    config = kubetune_config(args.workdir, run_dir, args.shared_set + args.set)
     state = ProgressState()
     result = train.run(config, work_dir=run_dir / "work", state=state, stop=threading.Event())
+    peak_train_gpu_mb = _peak_gpu_mb()  # before the held-out evaluation loads an fp32 base
     metrics = result.metrics
     tokenizer = AutoTokenizer.from_pretrained(str(args.workdir / "model"))
     _, held_out = prepared_rows(config, tokenizer)
@@ -129,9 +145,20 @@ def run_kubetune(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "optimizer_steps": int(metrics["steps"]),
         "train_examples": result.stats.get("train_examples"),
         "own_eval_loss": metrics.get("eval_loss"),
+        "examples_per_step": state.examples_per_step,
+        "rows_per_device_step": state.rows_per_device_step,
+        "time_to_first_step": state.time_to_first_step,
+        "fast_paths": state.fast_paths,
+        "peak_train_gpu_mb": peak_train_gpu_mb,
         "heldout_loss": heldout_loss(args.workdir / "model", result.local_artifact_dir, held_out),
         "heldout_examples": len(held_out),
     }
+
+
+def _peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
 def heldout_loss(model_dir: Path, adapter_dir: Path, rows: list[Any]) -> float:
@@ -161,7 +188,8 @@ def run_baseline(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     from kubetune_trainer.modeling import resolve_precision, train_dtype
     from kubetune_trainer.packing import CountingCollator
 
-    defaults = kubetune_config(args.workdir, run_dir, [])  # kubetune's defaults, no overrides
+    # kubetune's defaults, with only the overrides meant for both
+    defaults = kubetune_config(args.workdir, run_dir, args.shared_set)
     t, m = defaults.training, defaults.method
     set_seed(t.seed)  # LoRA init, dropout and data order, as kubetune's run does
     tokenizer = AutoTokenizer.from_pretrained(str(args.workdir / "model"))
@@ -173,7 +201,7 @@ def run_baseline(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     lora = LoraConfig(
         r=m.r,
         lora_alpha=m.alpha,
-        lora_dropout=m.dropout,
+        lora_dropout=args.baseline_dropout,
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
@@ -211,6 +239,7 @@ def run_baseline(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         callbacks=[clock],
     )
     trainer.train()
+    peak_train_gpu_mb = _peak_gpu_mb()
     trainer.model.save_pretrained(str(run_dir / "adapter"))
     return {
         "tokens_per_second": clock.tokens / clock.seconds,
@@ -220,6 +249,11 @@ def run_baseline(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "optimizer_steps": trainer.state.global_step,
         "train_examples": len(train_rows),
         "own_eval_loss": None,
+        "examples_per_step": t.batch_size * t.gradient_accumulation_steps,
+        "rows_per_device_step": t.batch_size,
+        "time_to_first_step": {},
+        "fast_paths": [],
+        "peak_train_gpu_mb": peak_train_gpu_mb,
         "heldout_loss": heldout_loss(args.workdir / "model", run_dir / "adapter", held_out),
         "heldout_examples": len(held_out),
     }
@@ -237,6 +271,7 @@ def worker(args: argparse.Namespace) -> None:
     result = (run_kubetune if args.worker == "kubetune" else run_baseline)(args, run_dir)
     result["wall_seconds"] = time.time() - started
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     (args.workdir / f"{args.worker}.json").write_text(json.dumps(result))
 
 
@@ -247,6 +282,8 @@ def spawn(kind: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", kind, "--workdir", str(workdir)]
     command += [f"--set={item}" for item in args.set]
     command += [f"--threads={args.threads}"] if args.threads else []
+    command += [f"--shared-set={item}" for item in args.shared_set]
+    command += [f"--baseline-dropout={args.baseline_dropout}"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{kind} run failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -258,7 +295,7 @@ def prepare_inputs(args: argparse.Namespace, workdir: Path) -> list[int]:
     tokenizer = common.save_model(workdir / "model", seed=args.seed)
     records = common.make_records(tokenizer, args.examples, seed=args.seed)
     common.write_jsonl(workdir / "train.jsonl", records)
-    train, _ = prepared_rows(kubetune_config(workdir, workdir, []), tokenizer)
+    train, _ = prepared_rows(kubetune_config(workdir, workdir, args.shared_set), tokenizer)
     return [len(row["input_ids"]) for row in train]
 
 
@@ -270,7 +307,15 @@ def packing_note(config: Any, lengths: list[int]) -> str:
         return ""
     t = config.training
     capacity = train.pack_capacity(lengths, t.batch_size, config.dataset.max_seq_length)
-    return f"; packed rows of ≤{capacity} tokens, one per device step"
+    if not hasattr(train, "rows_per_device_step"):
+        return f"; packed rows of ≤{capacity} tokens, one per device step"
+    rows = train.rows_per_device_step(
+        capacity, t.batch_size, config.dataset.max_seq_length, t.gradient_accumulation_steps
+    )
+    return (
+        f"; packed rows of ≤{capacity} tokens, {rows} per device step, "
+        f"accumulation {t.gradient_accumulation_steps // rows}"
+    )
 
 
 def main() -> None:
@@ -284,7 +329,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     train_lengths = prepare_inputs(args, workdir)
     lengths = common.length_stats(train_lengths)
-    config = kubetune_config(workdir, workdir, args.set)
+    config = kubetune_config(workdir, workdir, args.shared_set + args.set)
     info = common.machine()
     t = config.training
     print(
@@ -309,12 +354,22 @@ def main() -> None:
     for rep in range(args.reps):
         order = ("kubetune", "baseline") if rep % 2 == 0 else ("baseline", "kubetune")
         for kind in order:
+            load_before = os.getloadavg()[0]
             result = {"variant": kind, "rep": rep, **spawn(kind, args, workdir)}
+            result["load_before"], result["load_after"] = load_before, os.getloadavg()[0]
             runs.append(result)
+            first = result["time_to_first_step"]
             print(
                 f"  rep {rep} {kind:8}  {result['tokens_per_second']:6.0f} non-pad tok/s  "
                 f"train {result['train_seconds']:5.1f}s  wall {result['wall_seconds']:5.1f}s  "
-                f"held-out loss {result['heldout_loss']:.4f}",
+                f"held-out loss {result['heldout_loss']:.4f}  "
+                f"{result['examples_per_step']:g} ex/opt step  "
+                f"load {load_before:.1f}→{result['load_after']:.1f}"
+                + (
+                    "  first step " + ", ".join(f"{k} {v:.2f}s" for k, v in first.items())
+                    if first
+                    else ""
+                ),
                 flush=True,
             )
 
@@ -334,6 +389,9 @@ def main() -> None:
                 "heldout_loss",
                 "padding_ratio",
                 "optimizer_steps",
+                "examples_per_step",
+                "load_before",
+                "load_after",
             )
         }
         | {"own_eval_loss": group[0]["own_eval_loss"], "train_examples": group[0]["train_examples"]}

@@ -69,7 +69,7 @@ class MethodConfig(_Strict):
     type: Method = "lora"
     r: int = Field(default=16, ge=1)
     alpha: int = Field(default=32, ge=1)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # as the API: no dropout
     target_modules: list[str] = ["all-linear"]
     quantization: QuantizationConfig | None = None
 

@@ -147,6 +147,17 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
             f"  processes    {state.world_size} ({state.strategy}), "
             f"global batch {state.global_batch_size} examples"
         )
+        if state.examples_per_step is not None:
+            lines.append(
+                f"  batch        {state.examples_per_step:g} examples per optimizer step, "
+                f"{state.rows_per_device_step} rows per device step"
+            )
+        first = state.time_to_first_step
+        if "total" in first:
+            parts = ", ".join(f"{k} {v:.1f}s" for k, v in first.items() if k != "total")
+            lines.append(f"  first step   {first['total']:.1f}s after start ({parts})")
+        if state.fast_paths:
+            lines.append(f"  fast paths   {', '.join(state.fast_paths)}")
     stats = outcome.stats
     if "train_examples" in stats:
         lines.append(

@@ -113,6 +113,7 @@ def build_model(
     gradient_checkpointing: bool,
     precision: str,
     on_device: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Load the base model and make it trainable per ``method``.
 
@@ -132,6 +133,7 @@ def build_model(
             # CPU kernels of bitsandbytes run float32 compute; bf16 works but is slow.
             kwargs["quantization_config"].bnb_4bit_compute_dtype = torch.float32
             kwargs["dtype"] = torch.float32
+    kwargs.update(model_kwargs or {})  # e.g. attn_implementation (fastpaths.py)
     if torch.cuda.is_available() and on_device:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:

@@ -48,6 +48,15 @@ class ProgressState:
     world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
     strategy: str = "single"  # single, ddp or fsdp
     global_batch_size: int = 0  # examples per optimizer step across all processes
+    # Examples (not packed rows) in one optimizer step across all processes: measured
+    # from the packed rows (their mean examples per row), so it shows what packing did.
+    examples_per_step: float | None = None
+    rows_per_device_step: int = 1  # packed rows (or examples, unpacked) per micro-batch
+    # Seconds from process start to the end of the first optimizer step, by stage
+    # (startup, model_fetch, data_preparation, tokenization, model_build, first_step) and
+    # "total"; filled as the stages finish.
+    time_to_first_step: dict[str, float] = field(default_factory=dict)
+    fast_paths: list[str] = field(default_factory=list)  # GPU fast paths in use
     # Experiment tracking (tracking.Tracker.status): {"mlflow": "ok" | "off" |
     # "unavailable: <reason>", "runId", "runUrl", "tensorboard": "on" | "off", ...}
     tracking: dict[str, str] = field(default_factory=dict)
@@ -77,6 +86,19 @@ class ProgressState:
         data["percent"] = self.percent
         data["eta_seconds"] = self.eta_seconds()
         return data
+
+
+def process_start_time() -> float:
+    """When this process started (Unix time), from /proc; now, where /proc is missing."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime: clock ticks after boot
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.time()
 
 
 class MetricsExporter:

@@ -32,14 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import distributed, tracking
+from . import distributed, fastpaths, tracking
 from .artifact import PublishedArtifact, publish, write_manifest
 from .checkpoints import RemoteCheckpoint, download_checkpoint, newest_complete, upload_checkpoint
 from .config import ResolvedStrategy, TrainerConfig, global_batch_size
 from .distributed import World
 from .errors import Preempted, Unsupported
+from .fastpaths import FastPaths
 from .lossplot import ema, write_loss_plot
-from .progress import ProgressState
+from .progress import ProgressState, process_start_time
 from .storage import Store, fetch_to_local, open_store
 
 log = logging.getLogger("kubetune.trainer")
@@ -75,6 +76,27 @@ class RunResult:
 # --------------------------------------------------------------------------- callbacks
 
 
+class StartupClock:
+    """Time from process start to the end of the first optimizer step, by stage, into
+    ``state.time_to_first_step`` (so users see where the minutes before training go)."""
+
+    def __init__(self, state: ProgressState, started: float | None = None) -> None:
+        self.state = state
+        self.started = process_start_time() if started is None else started
+        self.last = self.started
+
+    def lap(self, stage: str) -> None:
+        now = time.time()
+        self.state.time_to_first_step[stage] = round(max(now - self.last, 0.0), 3)
+        self.last = now
+
+    def first_step(self) -> None:
+        if "total" in self.state.time_to_first_step:
+            return
+        self.lap("first_step")
+        self.state.time_to_first_step["total"] = round(max(self.last - self.started, 0.0), 3)
+
+
 def _callbacks(
     config: TrainerConfig,
     state: ProgressState,
@@ -85,6 +107,7 @@ def _callbacks(
     progress_bar: bool,
     world: World,
     layout: dict[str, Any],
+    clock: StartupClock | None = None,
 ) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -118,6 +141,8 @@ def _callbacks(
             return flag > 0, int(tokens)
 
         def on_step_end(self, args: Any, tstate: Any, control: Any, **kw: Any) -> None:
+            if clock is not None:
+                clock.first_step()
             state.step = tstate.global_step
             state.epoch = float(tstate.epoch or 0.0)
             elapsed = max(time.time() - self.started, 1e-6)
@@ -214,6 +239,23 @@ def pack_capacity(lengths: list[int], batch_size: int, max_seq_length: int) -> i
     return min(max_seq_length, max(max(lengths), math.ceil(batch_size * mean)))
 
 
+def rows_per_device_step(
+    capacity: int, batch_size: int, max_seq_length: int, accumulation: int
+) -> int:
+    """Packed rows per device step: as many as fit the memory budget the user's batch
+    already implies, among the divisors of ``accumulation`` (which shrinks by as much), so
+    that rows, and so examples, per optimizer step stay the same.
+
+    The budget is ``batch_size`` × ``max_seq_length`` positions: what one unpacked step
+    of the same config may hold at worst, so the user sized memory for it already. Both
+    what grows with positions (activations) and what grows with the square of a row's
+    length (sdpa's mask and scores: k·capacity² ≤ batch_size·max_seq_length²) stay
+    within what an unpacked step could need. Several rows per step make larger matrix
+    multiplies and fewer per-micro-batch overheads (docs/benchmarks.md)."""
+    budget = max(1, (batch_size * max_seq_length) // max(capacity, 1))
+    return max(k for k in range(1, accumulation + 1) if accumulation % k == 0 and k <= budget)
+
+
 def _training_arguments(
     config: TrainerConfig,
     output_dir: Path,
@@ -222,6 +264,8 @@ def _training_arguments(
     world: World | None = None,
     strategy: ResolvedStrategy = "single",
     fresh_start: bool = False,
+    rows_per_step: int = 1,
+    fast: FastPaths | None = None,
 ) -> Any:
     from transformers import TrainingArguments
 
@@ -232,13 +276,18 @@ def _training_arguments(
     # its first step (one more eval pass, like each periodic one), so the plot and the
     # summary show where it started. A resumed run has that point in its restored history.
     eval_on_start = fresh_start and eval_steps is not None
-    # Packed: one sequence per device step already holds about batch_size examples.
-    per_device = 1 if config.dataset.packing else t.batch_size
+    # Packed: one sequence already holds about batch_size examples; rows_per_step of them
+    # per device step, over gradient_accumulation_steps / rows_per_step micro-batches.
+    per_device = rows_per_step if config.dataset.packing else t.batch_size
+    accumulation = t.gradient_accumulation_steps
+    if config.dataset.packing:
+        accumulation //= rows_per_step
+    fast = fast or FastPaths()
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.scheduler,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
@@ -268,6 +317,7 @@ def _training_arguments(
         # LoRA's frozen base has no gradients by design; a search for unused parameters
         # would cost a graph traversal each step (and breaks gradient checkpointing).
         ddp_find_unused_parameters=False,
+        **fast.training_arguments(),
         **_fsdp_arguments(config, world) if strategy == "fsdp" else {},
     )
     if not world.distributed and args.n_gpu > 1:
@@ -346,6 +396,7 @@ def _run(
     from . import packing
     from .modeling import build_model, resolve_model_dir, resolve_precision
 
+    clock = StartupClock(state)
     world = World.from_env()
     distributed.init(world)
     strategy = config.distributed.resolve(config.method.type, world.size)
@@ -371,10 +422,19 @@ def _run(
     # Fetch model and data.
     state.phase = "preparing"
     precision = resolve_precision(config.training.precision)
+    quant = config.method.effective_quantization
+    fast = fastpaths.choose(
+        cuda=_cuda(),
+        precision=precision,
+        quantized_compute_dtype=quant.compute_dtype if quant else None,
+    )
+    state.fast_paths = fast.names()
+    clock.lap("startup")  # process start → here: imports, config, tracking
     model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    clock.lap("model_fetch")
 
     fetched: dict[str, str] = {}  # local path → the source URI the user wrote
 
@@ -390,25 +450,39 @@ def _run(
         validation_paths=local(config.dataset.validation_sources),
         seed=config.training.seed,
     )
+    clock.lap("data_preparation")
     train_rows, train_stats = data_stage.tokenize_examples(
         prepared.train, tokenizer, config.dataset.max_seq_length
     )
     eval_rows, _ = data_stage.tokenize_examples(
         prepared.validation, tokenizer, config.dataset.max_seq_length, allow_empty=True
     )
+    t = config.training
+    examples = len(train_rows)
+    rows_per_step = 1
     if config.dataset.packing:
         capacity = pack_capacity(
             [len(row["input_ids"]) for row in train_rows],
-            config.training.batch_size,
+            t.batch_size,
             config.dataset.max_seq_length,
         )
-        train_rows = packing.pack(train_rows, capacity, seed=config.training.seed)
-        eval_rows = packing.pack(eval_rows, capacity, seed=config.training.seed)
+        train_rows = packing.pack(train_rows, capacity, seed=t.seed)
+        eval_rows = packing.pack(eval_rows, capacity, seed=t.seed)
         eval_collator: Any = packing.PackedCollator(tokenizer.pad_token_id)
+        rows_per_step = rows_per_device_step(
+            capacity, t.batch_size, config.dataset.max_seq_length, t.gradient_accumulation_steps
+        )
+        # rows per optimizer step (unchanged by rows_per_step) × examples per row
+        state.examples_per_step = round(
+            t.gradient_accumulation_steps * world.size * examples / max(len(train_rows), 1), 1
+        )
     else:
         eval_collator = packing.PaddingCollator(tokenizer.pad_token_id)
+        state.examples_per_step = float(state.global_batch_size)
+    state.rows_per_device_step = rows_per_step if config.dataset.packing else t.batch_size
     collator = packing.CountingCollator(eval_collator)  # counts training tokens only
     stats = {**prepared.stats, **train_stats, "train_sequences": len(train_rows)}
+    clock.lap("tokenization")  # tokenize, mask prompts, pack
 
     # Build the model.
     model = build_model(
@@ -417,7 +491,11 @@ def _run(
         gradient_checkpointing=config.training.gradient_checkpointing,
         precision=precision,
         on_device=strategy != "fsdp",  # FSDP moves each rank's shard to its device
+        model_kwargs=fast.model_kwargs(),
     )
+    clock.lap("model_build")
+    if fast.names():
+        log.info("GPU fast paths: %s", ", ".join(fast.names()))
 
     # Train, resuming from the newest complete checkpoint in the output store (the one
     # rank 0 sees, so that all ranks resume from the same step).
@@ -440,6 +518,8 @@ def _run(
             world=world,
             strategy=strategy,
             fresh_start=resume is None,
+            rows_per_step=rows_per_step,
+            fast=fast,
         ),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
@@ -457,6 +537,7 @@ def _run(
                 progress_bar and world.is_main,
                 world,
                 layout,
+                clock,
             ),
         ],
     )
@@ -493,6 +574,7 @@ def _run(
             stats,
             resume,
             layout,
+            state,
         )
     # The others wait for rank 0: a rank's early exit would not fail the attempt, but an
     # attempt whose rank 0 fails to publish must not look half successful.
@@ -521,6 +603,7 @@ def _publish(
     stats: dict[str, Any],
     resume: RemoteCheckpoint | None,
     layout: dict[str, Any],
+    state: ProgressState | None = None,
 ) -> PublishedArtifact:
     _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
     details = {
@@ -534,6 +617,11 @@ def _publish(
         "resumed_from_step": resume.step if resume else None,
         "distributed": layout,
     }
+    if state is not None:
+        details["examples_per_optimizer_step"] = state.examples_per_step
+        details["rows_per_device_step"] = state.rows_per_device_step
+        details["time_to_first_step"] = dict(state.time_to_first_step)
+        details["fast_paths"] = list(state.fast_paths)
     write_manifest(artifact_dir, details)
     key = "model" if config.method.type == "full" else "adapter"
     return publish(artifact_dir, store, key)

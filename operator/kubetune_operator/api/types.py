@@ -230,7 +230,11 @@ class LoraSettings(ApiModel):
     r: int = Field(default=16, ge=1, le=1024, description="Rank of the adapter matrices.")
     alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (alpha / r).")
     dropout: _decimal(0.0, 1.0) = Field(  # type: ignore[valid-type]
-        default="0.05", description="Dropout on the adapter's input, as a decimal string."
+        default="0.0",
+        description=(
+            "Dropout on the adapter's input, as a decimal string. 0 (no dropout) is fastest "
+            "and measured the same held-out loss as 0.05 (docs/benchmarks.md)."
+        ),
     )
     targetModules: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
         default=["all-linear"],
