@@ -1,12 +1,15 @@
 """The kopf handlers: read, call the pure deciders, apply. Nothing clever lives here.
 
-- every FineTuneJob event, every attempt-Job event and every trainer-pod event →
-  :func:`reconcile` for that job;
-- a timer per running job polls rank 0's progress endpoint and patches
-  status.progress / status.metrics / status.lastCheckpoint (only what changed); for a
-  job waiting in a Kueue queue the same timer reconciles (Kueue's message changes on
-  its Workload, which the operator does not watch);
-- a slower timer reconciles every job (deadlines, missed events);
+- a FineTuneJob's creation or spec change (not its status or metadata: those are our own
+  writes and kopf's), every attempt-Job event and every trainer-pod event →
+  :func:`reconcile` for that job, with the attempt Jobs and pods from kopf indexes;
+- one thread polls every running job's rank 0 progress endpoint (through a pool of 8)
+  each ``progress_interval_seconds`` and patches status.progress / status.metrics /
+  status.lastCheckpoint (only what changed); a job waiting in a Kueue queue is
+  reconciled then (Kueue's message changes on its Workload, which the operator does not
+  watch);
+- one thread reconciles every job each ``resync_interval_seconds`` from one LIST
+  (deadlines, missed events);
 - on delete (behind a finalizer): delete the attempt Jobs, which stops the trainer pods;
   artifacts are never touched;
 - every FineTuneSweep event and every event of one of its trials (FineTuneJobs labelled
@@ -17,9 +20,14 @@
 
 from __future__ import annotations
 
+import contextvars
+import copy
 import logging
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +52,7 @@ from .workload import (
 )
 
 FINALIZER = "kubetune.io/finalizer"
+log = logging.getLogger("kubetune.operator")
 
 
 @dataclass(frozen=True)
@@ -57,28 +66,81 @@ class OperatorConfig:
 
 
 class Reconciler:
-    """Serialises reconciles per job and applies their decisions through the API."""
+    """Serialises reconciles per job and applies their decisions through the API.
+
+    Attempt Jobs and trainer pods come from two kopf indexes (``attempt_jobs``,
+    ``attempt_pods``: slim copies, keyed by (namespace, job)), with a live LIST whenever
+    the index knows fewer attempts than ``status.attempts`` (it has not caught up with a
+    Job we created) or the latest attempt has finished (its pods' termination messages
+    must be complete). One thread resyncs every job (a LIST of FineTuneJobs) and one polls
+    the running trainers through a small pool, instead of two kopf timers per job.
+    """
 
     def __init__(self, api: KubeApi, config: OperatorConfig, metrics: OperatorMetrics) -> None:
         self.api, self.config, self.metrics = api, config, metrics
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self.namespaces: list[str] = []  # empty: cluster-wide
+        self.jobs_index: Any = None
+        self.pods_index: Any = None
+        # per job: when it was last reconciled (monotonic), and the status we last saw or
+        # wrote (the progress poller diffs against it); jobs we wrote a status for
+        self._reconciled: dict[tuple[str, str], float] = {}
+        self._status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._written: set[tuple[str, str]] = set()
+        self._context: contextvars.Context | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool: ThreadPoolExecutor | None = None
 
-    def reconcile(self, namespace: str, name: str, logger: logging.Logger | Any) -> None:
-        with self._locks[(namespace, name)], self.metrics.reconcile_seconds.time():
-            body = self.api.get_job(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return
-            jobs = self.api.list_jobs(namespace, name)
-            pods = self.api.list_pods(namespace, name)
+    # -- reconciling one job ----------------------------------------------------------------
+
+    def reconcile(
+        self,
+        namespace: str,
+        name: str,
+        logger: logging.Logger | Any,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        """Reconcile one job. ``body`` (from a watch event) is used only while this
+        operator has written no status for the job: then nothing newer can exist that we
+        caused; otherwise the job is read live."""
+        key = (namespace, name)
+        with self._locks[key], self.metrics.reconcile_seconds.time():
+            if body is None or key in self._written:
+                body = self.api.get_job(namespace, name)
+            self._reconcile_locked(body, logger)
+
+    def _reconcile_locked(self, body: dict[str, Any] | None, logger: Any) -> None:
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        jobs, pods = self._workloads(namespace, name, body)
+        latest = max(jobs, key=_attempt, default=None)
+        workloads: list[dict[str, Any]] = []
+        if latest is not None and _waits_in_queue(latest):
+            workloads = self.api.list_workloads(namespace, latest["metadata"].get("uid", ""))
+        decision = reconcile(body, jobs, pods, workloads, image=self.config.image)
+        self._apply(body, decision, logger)
+        self._reconciled[(namespace, name)] = time.monotonic()
+
+    def _workloads(
+        self, namespace: str, name: str, body: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The job's attempt Jobs and pods: from the indexes when they can be trusted."""
+        if self.jobs_index is not None and self.pods_index is not None:
+            key = (namespace, name)
+            jobs = list(self.jobs_index.get(key) or ())
+            pods = list(self.pods_index.get(key) or ())
             latest = max(jobs, key=_attempt, default=None)
-            workloads: list[dict[str, Any]] = []
-            if latest is not None and _waits_in_queue(latest):
-                workloads = self.api.list_workloads(namespace, latest["metadata"].get("uid", ""))
-            decision = reconcile(body, jobs, pods, workloads, image=self.config.image)
-            self._apply(body, decision, logger)
+            known = _attempt(latest) if latest is not None else 0
+            attempts = int((body.get("status") or {}).get("attempts") or 0)
+            if known >= attempts and (latest is None or not _finished(latest)):
+                return jobs, pods
+        return self.api.list_jobs(namespace, name), self.api.list_pods(namespace, name)
 
     def _apply(self, body: dict[str, Any], decision: Decision, logger: Any) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        key = (namespace, name)
         if decision.create_service is not None:
             self.api.create_service(namespace, decision.create_service)
         if decision.create_job is not None:
@@ -95,11 +157,24 @@ class Reconciler:
         patch = {k: v for k, v in decision.status.items() if old.get(k) != v}
         if patch:
             self.api.patch_job_status(namespace, name, patch)
+            self._written.add(key)
+        self._status[key] = {**old, **patch}
         for event in decision.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            try:
+                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            except LookupError:  # outside kopf's context before any handler ran: no Event
+                logger.warning(f"event {event.reason} not posted: {event.message}")
         self.metrics.observe_state(namespace, name, decision.status.get("state"))
         self.metrics.observe_status(namespace, name, decision.status)
 
+    def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        for table in (self._reconciled, self._status):
+            table.pop(key, None)
+        self._written.discard(key)
+        self.metrics.forget(namespace, name)
+
+    # -- sweeps -----------------------------------------------------------------------------
     def reconcile_sweep(self, namespace: str, name: str, logger: logging.Logger | Any) -> None:
         with self._locks[(namespace, f"sweep/{name}")]:
             body = self.api.get_sweep(namespace, name)
@@ -127,17 +202,27 @@ class Reconciler:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         self.metrics.observe_sweep(namespace, name, decision.status)
 
-    def poll_progress(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        with self._locks[(namespace, name)]:
+    def poll_progress(self, namespace: str, name: str) -> None:
+        """Poll rank 0's progress endpoint; patch what changed in the status."""
+        key = (namespace, name)
+        if self.pods_index is not None:
+            pods = list(self.pods_index.get(key) or ())
+        else:
             pods = self.api.list_pods(namespace, name)
-            ranks0 = sorted((p for p in pods if _is_running_rank0(p)), key=_attempt)
-            ip = (ranks0[-1].get("status") or {}).get("podIP") if ranks0 else None
-            report = fetch_progress(ip, port=self.config.progress_port) if ip else None
-            if not report:
-                return
+        ranks0 = sorted((p for p in pods if _is_running_rank0(p)), key=_attempt)
+        ip = (ranks0[-1].get("status") or {}).get("podIP") if ranks0 else None
+        report = fetch_progress(ip, port=self.config.progress_port) if ip else None
+        if not report:
+            return
+        with self._locks[key]:
+            status = self._status.get(key)
+            if status is None or status.get("state") != "Running":
+                return  # reconciled meanwhile into another state (or deleted)
             patch = changed_fields(status, status_from_progress(report, now_rfc3339()))
             if patch:
                 self.api.patch_job_status(namespace, name, patch)
+                self._written.add(key)
+                self._status[key] = {**status, **patch}
                 self.metrics.observe_status(namespace, name, {**status, **patch})
 
     def stop(self, namespace: str, name: str, logger: Any) -> None:
@@ -145,21 +230,126 @@ class Reconciler:
             if not job["metadata"].get("deletionTimestamp"):
                 self.api.delete_job(namespace, job["metadata"]["name"])
                 logger.info(f"job {job['metadata']['name']} deleted with its FineTuneJob")
-        self.metrics.forget(namespace, name)
+        self.forget(namespace, name)
+
+    # -- the two loops: resync of all jobs, progress of the running ones ----------------------
+
+    def remember_context(self, jobs_index: Any, pods_index: Any) -> None:
+        """Keep the indexes (kopf hands them to resource handlers only) and a copy of a
+        handler's context: kopf.event() needs kopf's context variables (its event queue),
+        which the loops' threads would not have otherwise."""
+        self.jobs_index, self.pods_index = jobs_index, pods_index
+        if self._context is None:
+            self._context = contextvars.copy_context()
+
+    def _in_context(self, call: Callable[..., None], *args: Any) -> None:
+        context = self._context.copy() if self._context is not None else None
+        try:
+            if context is None:
+                call(*args)
+            else:
+                context.run(call, *args)
+        except Exception:
+            log.exception(f"{getattr(call, '__name__', call)}{args[:2]} failed")
+
+    def start_loops(self) -> None:
+        self._stop.clear()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kubetune-progress")
+        for target, name in ((self._resync_loop, "resync"), (self._progress_loop, "progress")):
+            thread = threading.Thread(target=target, name=f"kubetune-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop_loops(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        self._threads.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _resync_loop(self) -> None:
+        while not self._stop.wait(self.config.resync_interval_seconds):
+            try:
+                self.resync_all()
+            except Exception:
+                log.exception("resync failed")
+
+    def resync_all(self) -> None:
+        """Reconcile every job from one LIST; a job reconciled since the LIST began is
+        skipped (what it was reconciled with is at least as new)."""
+        started = time.monotonic()
+        for body in self.api.list_all_jobs(self.namespaces):
+            if self._stop.is_set():
+                return
+            body.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+            body.setdefault("kind", "FineTuneJob")
+            key = (body["metadata"]["namespace"], body["metadata"]["name"])
+            self._in_context(self._resync_one, key, body, started)
+
+    def _resync_one(self, key: tuple[str, str], body: dict[str, Any], started: float) -> None:
+        with self._locks[key], self.metrics.reconcile_seconds.time():
+            if self._reconciled.get(key, 0.0) > started:
+                return
+            self._reconcile_locked(body, log)
+
+    def _progress_loop(self) -> None:
+        while not self._stop.wait(self.config.progress_interval_seconds):
+            try:
+                self.progress_round()
+            except Exception:
+                log.exception("progress round failed")
+
+    def progress_round(self) -> None:
+        """Poll every running trainer (a pool of 8); reconcile every queued job (Kueue's
+        message changes on its Workload, which the operator does not watch)."""
+        pool = self._pool
+        if pool is None:
+            return
+        futures = []
+        for (namespace, name), status in list(self._status.items()):
+            state = status.get("state")
+            if state == "Running":
+                futures.append(pool.submit(self._in_context, self.poll_progress, namespace, name))
+            elif state == "Queued":
+                futures.append(pool.submit(self._in_context, self.reconcile, namespace, name, log))
+        wait(futures)
 
 
 def _attempt(obj: dict[str, Any]) -> int:
     return int((obj["metadata"].get("labels") or {}).get(ATTEMPT_LABEL, "0"))
 
 
-def _waits_in_queue(job: dict[str, Any]) -> bool:
-    """An attempt Job that Kueue holds (suspended, in a queue, not finished)."""
-    labels = job["metadata"].get("labels") or {}
-    done = any(
+def _finished(job: dict[str, Any]) -> bool:
+    return any(
         x.get("type") in ("Complete", "Failed") and x.get("status") == "True"
         for x in (job.get("status") or {}).get("conditions") or []
     )
-    return QUEUE_LABEL in labels and bool((job.get("spec") or {}).get("suspend")) and not done
+
+
+def _slim(body: Any, spec_keys: tuple[str, ...]) -> dict[str, Any]:
+    """What reconcile() reads of an attempt Job or a pod (not the pod template: the
+    indexes hold one per job, and memory grows with the number of jobs)."""
+    meta = body["metadata"]
+    return copy.deepcopy(
+        {
+            "metadata": {k: meta.get(k) for k in _META_KEYS if meta.get(k) is not None},
+            "spec": {k: body.get("spec", {}).get(k) for k in spec_keys},
+            "status": dict(body.get("status") or {}),
+        }
+    )
+
+
+_META_KEYS = ("name", "namespace", "uid", "labels", "annotations", "creationTimestamp")
+_META_KEYS += ("deletionTimestamp",)
+
+
+def _waits_in_queue(job: dict[str, Any]) -> bool:
+    """An attempt Job that Kueue holds (suspended, in a queue, not finished)."""
+    labels = job["metadata"].get("labels") or {}
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    return QUEUE_LABEL in labels and suspended and not _finished(job)
 
 
 def _is_running_rank0(pod: dict[str, Any]) -> bool:
@@ -168,47 +358,65 @@ def _is_running_rank0(pod: dict[str, Any]) -> bool:
     return index == "0" and (pod.get("status") or {}).get("phase") == "Running"
 
 
-def _is_running_or_queued(status: Any, **_: Any) -> bool:
-    return bool(status) and status.get("state") in ("Running", "Queued")
+def _spec_changed(body: Any) -> bool:
+    """A FineTuneJob change worth a reconcile: its spec (generation) is newer than the
+    status says was reconciled. Status-only and metadata-only changes (our own status
+    writes, kopf's finalizer, a sweep's annotations) are not; the resync covers the rest."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    return meta.get("generation") != status.get("observedGeneration")
 
 
 def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     """All handlers, in a registry of their own (so tests can run several operators)."""
     registry = kopf.OperatorRegistry()
-    config = reconciler.config
     job = {"group": GROUP, "version": VERSION, "plural": PLURAL, "registry": registry}
+    workloads = {"labels": dict(MANAGED_BY), "registry": registry}
+
+    # ids: kopf passes each index to the handlers as a kwarg named by its handler's id
+    @kopf.index("batch", "v1", "jobs", id="attempt_jobs", **workloads)
+    def attempt_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> Any:
+        job_name = labels.get(JOB_LABEL)
+        return {(namespace, job_name): _slim(body, ("completions", "suspend"))} if job_name else {}
+
+    @kopf.index("", "v1", "pods", id="attempt_pods", **workloads)
+    def attempt_pods(namespace: str, labels: Any, body: Any, **_: Any) -> Any:
+        job_name = labels.get(JOB_LABEL)
+        return {(namespace, job_name): _slim(body, ())} if job_name else {}
+
+    @kopf.on.startup(registry=registry)
+    def start_loops(**_: Any) -> None:
+        reconciler.start_loops()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_loops(**_: Any) -> None:
+        reconciler.stop_loops()
 
     @kopf.on.event(**job)
     def job_changed(
-        event: dict[str, Any], namespace: str, name: str, logger: Any, **_: Any
+        event: dict[str, Any], body: Any, namespace: str, name: str, logger: Any, **kw: Any
     ) -> None:
-        if event.get("type") == "DELETED":
-            reconciler.metrics.forget(namespace, name)
+        reconciler.remember_context(kw["attempt_jobs"], kw["attempt_pods"])
+        kind = event.get("type")
+        if kind == "DELETED":
+            reconciler.forget(namespace, name)
             return
-        reconciler.reconcile(namespace, name, logger)
+        if kind == "MODIFIED" and not _spec_changed(body):
+            return
+        reconciler.reconcile(namespace, name, logger, body=copy.deepcopy(dict(body)))
 
-    @kopf.on.event("batch", "v1", "jobs", labels=dict(MANAGED_BY), registry=registry)
-    @kopf.on.event("", "v1", "pods", labels=dict(MANAGED_BY), registry=registry)
-    def workload_changed(labels: dict[str, str], namespace: str, logger: Any, **_: Any) -> None:
+    @kopf.on.event("batch", "v1", "jobs", **workloads)
+    @kopf.on.event("", "v1", "pods", **workloads)
+    def workload_changed(labels: dict[str, str], namespace: str, logger: Any, **kw: Any) -> None:
+        reconciler.remember_context(kw["attempt_jobs"], kw["attempt_pods"])
         job_name = labels.get(JOB_LABEL)
         if job_name:
             reconciler.reconcile(namespace, job_name, logger)
-
-    @kopf.timer(**job, interval=config.progress_interval_seconds, when=_is_running_or_queued)
-    def poll_progress(namespace: str, name: str, status: Any, logger: Any, **_: Any) -> None:
-        if status.get("state") == "Queued":
-            reconciler.reconcile(namespace, name, logger)
-        else:
-            reconciler.poll_progress(namespace, name, dict(status))
-
-    @kopf.timer(**job, interval=config.resync_interval_seconds, initial_delay=5)
-    def resync(namespace: str, name: str, logger: Any, **_: Any) -> None:
-        reconciler.reconcile(namespace, name, logger)
 
     @kopf.on.delete(**job)
     def job_deleted(namespace: str, name: str, logger: Any, **_: Any) -> None:
         reconciler.stop(namespace, name, logger)
 
+    config = reconciler.config
     sweep = {"group": GROUP, "version": VERSION, "plural": SWEEP_PLURAL, "registry": registry}
 
     @kopf.on.event(**sweep)

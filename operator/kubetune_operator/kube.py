@@ -88,6 +88,27 @@ class KubeApi:
             if error.status != 404:
                 raise
 
+    def list_all_jobs(self, namespaces: list[str]) -> list[dict[str, Any]]:
+        """Every FineTuneJob in ``namespaces`` (empty: cluster-wide), for the resync."""
+        if not namespaces:
+            answers = [
+                self._call(
+                    "list_all_jobs",
+                    lambda: self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL),
+                )
+            ]
+        else:
+            answers = [
+                self._call(
+                    "list_all_jobs",
+                    lambda ns=ns: self.custom.list_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL
+                    ),
+                )
+                for ns in namespaces
+            ]
+        return [item for answer in answers for item in (answer or {}).get("items") or []]
+
     # -- sweeps ---------------------------------------------------------------------------
 
     def get_sweep(self, namespace: str, name: str) -> dict[str, Any] | None:

@@ -57,6 +57,7 @@ class Operator:
             configuration, on_error=lambda op: self.metrics.api_errors.labels(op).inc()
         )
         self.reconciler = Reconciler(self.api, options.config, self.metrics)
+        self.reconciler.namespaces = list(options.namespaces)
         self.registry = build_registry(self.reconciler)
 
         @kopf.on.login(registry=self.registry)

@@ -1,0 +1,75 @@
+"""The handlers' own decisions: which job events reconcile, and when the kopf indexes are
+trusted instead of a live LIST (an index that has not caught up with a created attempt
+must never make the operator start a second one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune_operator.handlers import OperatorConfig, Reconciler, _slim, _spec_changed
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL
+
+
+def _attempt_job(attempt: int, *conditions: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"j-attempt-{attempt}",
+            "namespace": "ns",
+            "labels": {JOB_LABEL: "j", ATTEMPT_LABEL: str(attempt)},
+        },
+        "spec": {"completions": 1, "suspend": False, "template": {"spec": {"x": "big"}}},
+        "status": {"conditions": [{"type": c, "status": "True"} for c in conditions]},
+    }
+
+
+class FakeApi:
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.jobs, self.lists = jobs, 0
+
+    def list_jobs(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        self.lists += 1
+        return self.jobs
+
+    def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        return []
+
+
+def _reconciler(api: FakeApi, jobs_in_index: list[dict[str, Any]]) -> Reconciler:
+    reconciler = Reconciler(api, OperatorConfig(), OperatorMetrics())  # type: ignore[arg-type]
+    reconciler.jobs_index = {("ns", "j"): jobs_in_index}
+    reconciler.pods_index = {}
+    return reconciler
+
+
+def test_only_spec_changes_reconcile_a_modified_job() -> None:
+    assert not _spec_changed({"metadata": {"generation": 2}, "status": {"observedGeneration": 2}})
+    assert _spec_changed({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}})
+    assert _spec_changed({"metadata": {"generation": 1}})  # never reconciled
+
+
+def test_index_behind_the_status_falls_back_to_a_live_list() -> None:
+    live = [_attempt_job(1)]
+    api = FakeApi(live)
+    reconciler = _reconciler(api, [])  # the index has not seen attempt 1 yet
+    jobs, _ = reconciler._workloads("ns", "j", {"status": {"attempts": 1}})
+    assert jobs == live and api.lists == 1
+
+
+def test_index_that_caught_up_is_used_without_a_request() -> None:
+    api = FakeApi([])
+    indexed = [_attempt_job(1)]
+    jobs, _ = _reconciler(api, indexed)._workloads("ns", "j", {"status": {"attempts": 1}})
+    assert jobs == indexed and api.lists == 0
+
+
+def test_a_finished_attempt_is_read_live() -> None:
+    api = FakeApi([_attempt_job(1, "Failed")])
+    _reconciler(api, [_attempt_job(1, "Failed")])._workloads("ns", "j", {"status": {"attempts": 1}})
+    assert api.lists == 1
+
+
+def test_index_entries_leave_out_the_pod_template() -> None:
+    slim = _slim(_attempt_job(1), ("completions", "suspend"))
+    assert slim["spec"] == {"completions": 1, "suspend": False}
+    assert slim["metadata"]["labels"][ATTEMPT_LABEL] == "1"
