@@ -92,5 +92,6 @@ for path in sorted(out.glob("off-*.json")) + sorted(out.glob("mem-*.json")):
 mem = {k: out / f"mem-{k}.json" for k in ("lora", "qlora")}
 if all(p.exists() for p in mem.values()):
     lora, qlora = (json.loads(mem[k].read_text())["peak_train_gpu_mb"] for k in ("lora", "qlora"))
-    print(f"QLoRA / LoRA peak training memory: {qlora / lora:.2f} (target ≤ 0.45)")
+    if lora and qlora:  # None without a GPU
+        print(f"QLoRA / LoRA peak training memory: {qlora / lora:.2f} (target ≤ 0.45)")
 PY
