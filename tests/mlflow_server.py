@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.network import free_port
+
 HOST = "127.0.0.1"
 
 
@@ -35,12 +36,6 @@ def find_mlflow() -> str | None:
     """The ``mlflow`` command of this environment (the dev extra installs it)."""
     beside = Path(sys.executable).with_name("mlflow")
     return str(beside) if beside.exists() else shutil.which("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from harness.network import free_port
 
 TOOLS = Path(__file__).resolve().parents[1] / ".kubetune" / "tools" / "prometheus"
 _lock = threading.Lock()
@@ -92,12 +92,6 @@ def _may_refresh_apt_lists() -> bool:
     return update.returncode == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Prometheus:
     url: str
@@ -126,7 +120,7 @@ class Prometheus:
 @contextmanager
 def run_prometheus(binary: str, targets: list[str]) -> Iterator[Prometheus]:
     """Prometheus scraping ``targets`` (host:port) every second."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="kubetune-prometheus-") as scratch:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -3,7 +3,6 @@ real SeaweedFS, real Prometheus, the real operator and real training."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 from harness import ADMIN_USER, OPERATOR_USER, EmulatorServer, JobController, Kubelet
+from harness.network import free_port
 from kubernetes.client.exceptions import ApiException
 from seaweedfs import SeaweedFS
 
@@ -22,12 +22,6 @@ from kubetune_operator.runner import Operator, OperatorOptions, OperatorThread
 from kubetune_trainer.storage import Store, open_store
 
 TRAINER_IMAGE = "kubetune-trainer:e2e"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from trainer_helpers import mean_response_loss, read_rows, tiny_config
+from harness.network import free_port
+from trainer_helpers import fetch_text, mean_response_loss, read_rows, tiny_config
 
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import ExitCode
@@ -77,19 +76,9 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _progress(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=2) as response:
-            result: dict[str, Any] = json.loads(response.read())
-            return result
-    except OSError:
-        return None
+    text = fetch_text(f"http://127.0.0.1:{port}/progress")
+    return json.loads(text) if text else None
 
 
 def _complete_steps(output: Path) -> list[int]:
@@ -165,7 +154,7 @@ def test_ddp_matches_one_process_at_the_same_global_batch(
 def test_sigterm_stops_all_ranks_at_one_step_with_a_checkpoint(
     tiny_model: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     output = tmp_path / "out"
     termination = tmp_path / "termination-log"
     config = tiny_config(

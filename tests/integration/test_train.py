@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import mean_response_loss, read_rows, run_trainer_process, tiny_config
+from harness.network import free_port
+from trainer_helpers import (
+    fetch_text,
+    mean_response_loss,
+    read_rows,
+    run_trainer_process,
+    tiny_config,
+)
 
 from kubetune_trainer.artifact import sha256_file
 from kubetune_trainer.errors import ExitCode
@@ -187,24 +192,10 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(
     assert manifest["metrics"]["steps"] == 40
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().decode()
-    except OSError:
-        return None
-
-
 def test_sigterm_checkpoints_and_exits_preempted(
     tiny_model: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     output = tmp_path / "out"
     termination = tmp_path / "termination-log"
     config = tiny_config(
@@ -221,13 +212,15 @@ def test_sigterm_checkpoints_and_exits_preempted(
     try:
         progress = _wait_for(
             lambda: (
-                (p := _get(f"{base}/progress")) and json.loads(p)["step"] >= 3 and json.loads(p)
+                (p := fetch_text(f"{base}/progress"))
+                and json.loads(p)["step"] >= 3
+                and json.loads(p)
             ),
             120,
             "three training steps",
         )
         assert progress["total_steps"] == 400 and progress["phase"] == "training"
-        metrics = _get(f"{base}/metrics") or ""
+        metrics = fetch_text(f"{base}/metrics") or ""
         assert "kubetune_trainer_step " in metrics and "kubetune_trainer_train_loss " in metrics
         process.send_signal(signal.SIGTERM)
         process.wait(120)

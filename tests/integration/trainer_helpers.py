@@ -6,12 +6,22 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kubetune_trainer.config import TrainerConfig
+
+
+def fetch_text(url: str) -> str | None:
+    """GET ``url`` (a trainer's /progress or /metrics); None while nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return str(response.read().decode())
+    except OSError:
+        return None
 
 
 def tiny_config(
