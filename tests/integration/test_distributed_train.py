@@ -119,7 +119,7 @@ def test_ddp_matches_one_process_at_the_same_global_batch(
     finally:
         del os.environ["OMP_NUM_THREADS"]
     out = capfd.readouterr().out
-    assert "processes    2 (ddp), global batch 16 examples" in out
+    assert "processes    2 (ddp), global batch 16 (batch size × accumulation × processes)" in out
     assert out.count("✓ fine-tuned") == 1  # rank 0 alone prints the summary
 
     one = json.loads((tmp_path / "one" / "adapter" / "manifest.json").read_text())

@@ -145,7 +145,7 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
     if state is not None:
         lines.append(
             f"  processes    {state.world_size} ({state.strategy}), "
-            f"global batch {state.global_batch_size} examples"
+            f"global batch {state.global_batch_size} (batch size × accumulation × processes)"
         )
         if state.examples_per_step is not None:
             lines.append(
