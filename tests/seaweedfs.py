@@ -4,6 +4,8 @@
 access and secret keys are random, waits until S3 answers signed requests, and kills it
 on exit (SIGKILL: the data is thrown away anyway). Buckets are not auto-created on
 upload (``-s3.autoCreateBucket=false``), so a missing bucket fails as it does on S3.
+``run_weed_process(weed)`` gives a :class:`WeedProcess` instead, which a fault test can
+stop (SIGKILL) and start again on the same ports, data and identity.
 """
 
 from __future__ import annotations
@@ -69,44 +71,73 @@ def find_weed() -> Path | None:
     return Path(found) if found else None
 
 
+class WeedProcess:
+    """One ``weed mini`` with fixed ports, data directory and identity, so that a test can
+    stop it (an outage: connections are refused) and start it again where it was."""
+
+    def __init__(self, weed: Path, directory: Path) -> None:
+        (directory / "data").mkdir(parents=True)
+        self.weed = weed
+        self.ports = _free_ports()
+        self.server = SeaweedFS(
+            endpoint_url=f"http://{HOST}:{self.ports['s3']}",
+            access_key=secrets.token_hex(10).upper(),
+            secret_key=secrets.token_urlsafe(30),
+            directory=directory,
+        )
+        self._config = directory / "s3.json"
+        self._config.write_text(json.dumps(_identities(self.server)), encoding="utf-8")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 30.0) -> bool:
+        """Start weed and wait until S3 answers signed requests; False if weed exits first."""
+        directory = self.server.directory
+        _remove_sockets(self.ports, directory)  # a killed weed leaves its sockets behind
+        with (directory / "weed.log").open("ab") as log:
+            self._process = subprocess.Popen(
+                [str(self.weed), "mini", *_flags(directory, self._config, self.ports)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TMPDIR": str(directory)},  # weed's own log files go there
+            )
+        return _wait_ready(self.server, self._process, timeout)
+
+    def stop(self) -> None:
+        """SIGKILL weed and wait for it (a clean stop takes ~14 s); the data stays."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
 @contextmanager
 def run_seaweedfs(weed: Path, *, timeout: float = 30.0, attempts: int = 3) -> Iterator[SeaweedFS]:
     """Run ``weed mini`` until the block exits; retried with new ports if it dies early."""
+    with run_weed_process(weed, timeout=timeout, attempts=attempts) as process:
+        yield process.server
+
+
+@contextmanager
+def run_weed_process(
+    weed: Path, *, timeout: float = 30.0, attempts: int = 3
+) -> Iterator[WeedProcess]:
+    """Like :func:`run_seaweedfs`, but the test may stop and start the server."""
     with tempfile.TemporaryDirectory(prefix="kubetune-weed-") as temp:
         for attempt in range(1, attempts + 1):
-            directory = Path(temp) / f"run-{attempt}"
-            with ExitStack() as stack:
-                server = _start(weed, directory, stack, timeout)
-                if server is not None:
-                    yield server
+            process = WeedProcess(weed, Path(temp) / f"run-{attempt}")
+            try:
+                if process.start(timeout):
+                    yield process
                     return
-        log = (directory / "weed.log").read_text(errors="replace")
+            finally:
+                process.stop()
+                _remove_sockets(process.ports, process.server.directory)
+        log = (process.server.directory / "weed.log").read_text(errors="replace")
         raise RuntimeError(f"weed mini did not start in {attempts} attempts:\n{log[-3000:]}")
-
-
-def _start(weed: Path, directory: Path, stack: ExitStack, timeout: float) -> SeaweedFS | None:
-    """Start weed in ``directory``; its kill is pushed on ``stack``. None if it died."""
-    (directory / "data").mkdir(parents=True)
-    ports = _free_ports()
-    server = SeaweedFS(
-        endpoint_url=f"http://{HOST}:{ports['s3']}",
-        access_key=secrets.token_hex(10).upper(),
-        secret_key=secrets.token_urlsafe(30),
-        directory=directory,
-    )
-    config = directory / "s3.json"
-    config.write_text(json.dumps(_identities(server)), encoding="utf-8")
-    log = stack.enter_context((directory / "weed.log").open("wb"))
-    process = subprocess.Popen(
-        [str(weed), "mini", *_flags(directory, config, ports)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TMPDIR": str(directory)},  # weed's own log files go there
-    )
-    stack.callback(_remove_sockets, ports)
-    stack.callback(process.wait)
-    stack.callback(process.kill)  # SIGKILL: a clean stop takes ~14 s
-    return server if _wait_ready(server, process, timeout) else None
 
 
 def _identities(server: SeaweedFS) -> dict[str, Any]:
@@ -179,8 +210,11 @@ def _wait_ready(server: SeaweedFS, process: subprocess.Popen[bytes], timeout: fl
     raise TimeoutError(f"SeaweedFS S3 not ready after {timeout} s; see {server.directory}")
 
 
-def _remove_sockets(ports: dict[str, int]) -> None:
-    """Remove the unix sockets weed puts in /tmp (named by port) whatever TMPDIR says."""
+def _remove_sockets(ports: dict[str, int], directory: Path) -> None:
+    """Remove the unix sockets weed puts in /tmp (named by port) whatever TMPDIR says,
+    and the ones it was told to put in ``directory``."""
     for port in ports.values():
         for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
             path.unlink(missing_ok=True)
+    for path in directory.glob("*.sock"):
+        path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from kubetune_trainer.storage import S3Settings, Store, fetch_to_local, open_sto
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
-FAST_FAIL = S3Settings(max_attempts=2, connect_timeout=1, read_timeout=2)
+FAST_FAIL = S3Settings(max_attempts=2, connect_timeout=1, read_timeout=2, retry_seconds=0)
 
 
 @pytest.fixture
@@ -352,10 +352,51 @@ def overloaded() -> Iterator[str]:
 
 
 def test_throttling_is_retried_then_unavailable(s3_env: SeaweedFS, overloaded: str) -> None:
-    settings = S3Settings(max_attempts=3, connect_timeout=1, read_timeout=2)
+    settings = S3Settings(max_attempts=3, connect_timeout=1, read_timeout=2, retry_seconds=0)
     store = open_store("s3://bucket/run", endpoint_url=overloaded, settings=settings)
     with pytest.raises(StorageUnavailable, match="SlowDown") as raised:
         store.put_bytes("k", b"data")
     assert raised.value.exit_code == ExitCode.STORAGE_UNAVAILABLE
     assert overloaded in raised.value.message
     assert _Overloaded.requests == 3  # botocore's standard retries, then the error
+
+
+def test_transient_failures_are_retried_until_the_patience_is_spent(
+    s3_env: SeaweedFS, overloaded: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = S3Settings(max_attempts=2, connect_timeout=1, read_timeout=2, retry_seconds=3)
+    store = open_store("s3://bucket/run", endpoint_url=overloaded, settings=settings)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="kubetune_trainer.storage"):
+        with pytest.raises(
+            StorageUnavailable, match=r"gave up after \d+ tries over \d+ s"
+        ) as raised:
+            store.put_bytes("k", b"data")
+    assert time.monotonic() - started >= 3
+    error = raised.value
+    assert error.exit_code == ExitCode.STORAGE_UNAVAILABLE
+    assert "SlowDown" in error.message and "s3://bucket/run/k" in error.message
+    assert error.hint is not None and "spec.output.retryTimeoutSeconds (3 s)" in error.hint
+    tries = int(error.message.split("gave up after ")[1].split()[0])
+    assert tries >= 3 and _Overloaded.requests == 2 * tries  # botocore's 2 in each of ours
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == tries - 1  # one warning per retry
+    assert all(r.levelname == "WARNING" for r in retries)
+    assert s3_env.secret_key not in caplog.text and s3_env.access_key not in caplog.text
+
+
+def test_permanent_failures_are_not_retried(
+    s3_env: SeaweedFS, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = S3Settings(retry_seconds=60)
+    started = time.monotonic()
+    missing = open_store("s3://no-such-bucket-kt/run", endpoint_url=s3_env.endpoint_url)
+    with pytest.raises(ConfigInvalid):
+        missing.put_bytes("k", b"data")
+    with pytest.raises(FileNotFoundError):
+        open_store(f"s3://{bucket}/run", endpoint_url=s3_env.endpoint_url).get_bytes("absent")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    denied = open_store(f"s3://{bucket}/run", endpoint_url=s3_env.endpoint_url, settings=settings)
+    with pytest.raises(CredentialsInvalid):
+        denied.put_bytes("k", b"data")
+    assert time.monotonic() - started < 10  # far below the 60 s of patience: no retries

@@ -7,10 +7,15 @@ as S3 does (``"step-1"`` also matches ``"step-10/…"``; pass ``"step-1/"`` for 
 S3 (and S3-compatible stores such as SeaweedFS or MinIO) goes through boto3 with the
 standard credential chain, i.e. ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` from
 the pod's Secret. Failures become :mod:`kubetune_trainer.errors` with a hint: rejected
-credentials → ``CredentialsInvalid``, a missing bucket → ``ConfigInvalid``, an endpoint
-that stays unreachable, slow, throttled or failing (after botocore's retries) →
-``StorageUnavailable`` (retryable). Messages name the bucket and endpoint, never a
-credential. Local stores write atomically (temp file, then ``os.replace``).
+credentials → ``CredentialsInvalid`` and a missing bucket → ``ConfigInvalid``, both at
+once; transient failures (connection refused or reset, timeouts, 5xx, throttling) are
+retried with backoff and jitter for ``S3Settings.retry_seconds`` (60 s by default,
+``spec.output.retryTimeoutSeconds``), each retry logged once, so a restart of the storage
+service costs no attempt; an endpoint that stays unreachable, slow, throttled or failing
+beyond that → ``StorageUnavailable`` (retryable). Every call is safe to repeat whole
+(PUTs replace, a download lands by rename, a listing starts over). Messages name the
+bucket and endpoint, never a credential. Local stores write atomically (temp file, then
+``os.replace``).
 """
 
 from __future__ import annotations
@@ -22,11 +27,10 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
@@ -42,8 +46,10 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from .errors import ConfigInvalid, CredentialsInvalid, StorageUnavailable, TrainerError
+from .retry import Backoff, RetriesExhausted, call_with_retries
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 _PARTIAL = ".partial"  # suffix of a local store's temp files; never listed
@@ -75,6 +81,13 @@ class S3Settings:
     max_attempts: int = 5  # botocore "standard" retry mode, first attempt included
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # Around botocore's own retries (which give up within about a second on a refused
+    # connection): keep retrying transient failures this long, with backoff and jitter.
+    retry_seconds: float = 60.0
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(patience=self.retry_seconds)
 
 
 class Store(ABC):
@@ -291,6 +304,7 @@ class S3Store(Store):
         self.endpoint_url = endpoint_url
         self.endpoint = endpoint_url or "AWS S3"  # for messages
         self._client = _s3_client(endpoint_url, region, settings)
+        self._backoff = settings.backoff
         self._transfer = TransferConfig(
             multipart_threshold=settings.multipart_threshold,
             multipart_chunksize=settings.multipart_chunksize,
@@ -304,14 +318,17 @@ class S3Store(Store):
         return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
     def upload_file(self, local: Path, key: str) -> None:
-        with self._errors("uploading", key):
+        def upload() -> None:
             self._client.upload_file(
                 str(local), self.bucket, self._full(key), Config=self._transfer
             )
 
+        self._call("uploading", key, upload)
+
     def download_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        with self._errors("downloading", key):
+
+        def download() -> None:
             try:
                 self._client.download_file(
                     self.bucket, self._full(key), str(local), Config=self._transfer
@@ -321,23 +338,29 @@ class S3Store(Store):
                     raise
                 raise self._not_found(key) from None
 
+        self._call("downloading", key, download)
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        with self._errors("writing", key):
+        def put() -> None:
             self._client.put_object(Bucket=self.bucket, Key=self._full(key), Body=data)
 
+        self._call("writing", key, put)
+
     def get_bytes(self, key: str) -> bytes:
-        with self._errors("reading", key):
+        def get() -> bytes:
             try:
                 response = self._client.get_object(Bucket=self.bucket, Key=self._full(key))
             except ClientError as error:
                 if _status(error) != 404:
                     raise
                 raise self._not_found(key) from None
-            data: bytes = response["Body"].read()
+            data: bytes = response["Body"].read()  # inside the retry: a body can break off
             return data
 
+        return self._call("reading", key, get)
+
     def exists(self, key: str) -> bool:
-        with self._errors("checking", key):
+        def head() -> bool:
             try:
                 self._client.head_object(Bucket=self.bucket, Key=self._full(key))
             except ClientError as error:
@@ -347,6 +370,8 @@ class S3Store(Store):
                 return False
             return True
 
+        return self._call("checking", key, head)
+
     def list(self, key_prefix: str = "") -> builtins.list[str]:
         return sorted(self._relative(key) for key in self._list_full(key_prefix))
 
@@ -354,27 +379,32 @@ class S3Store(Store):
         keys = self._list_full(key_prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes up to 1000 keys
             batch = [{"Key": key} for key in keys[start : start + 1000]]
-            with self._errors("deleting", key_prefix):
+
+            def delete(batch: builtins.list[dict[str, str]] = batch) -> None:
                 response = self._client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
-            for failure in response.get("Errors", [])[:1]:  # per-key failures, no status
-                code, where = failure.get("Code", ""), self._where("deleting", key_prefix)
-                raise _from_code(code, 0, where) or _unavailable(where, code)
+                for failure in response.get("Errors", [])[:1]:  # per-key failures, no status
+                    code, where = failure.get("Code", ""), self._where("deleting", key_prefix)
+                    raise _from_code(code, 0, where) or _unavailable(where, code)
+
+            self._call("deleting", key_prefix, delete)
 
     def uri_for(self, key: str) -> str:
         full = self._full(key).rstrip("/") if key else self.prefix
         return f"s3://{self.bucket}/{full}" if full else f"s3://{self.bucket}"
 
     def _list_full(self, key_prefix: str) -> builtins.list[str]:
-        keys: builtins.list[str] = []
-        with self._errors("listing", key_prefix):
+        def list_all() -> builtins.list[str]:  # from the first page again on a retry
+            keys: builtins.list[str] = []
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self._full(key_prefix)
             )
             for page in pages:
                 keys.extend(item["Key"] for item in page.get("Contents", []))
-        return keys
+            return keys
+
+        return self._call("listing", key_prefix, list_all)
 
     def _not_found(self, key: str) -> FileNotFoundError:
         """The error for a missing key; raises ConfigInvalid if the bucket is missing."""
@@ -389,18 +419,39 @@ class S3Store(Store):
     def _where(self, action: str, key: str) -> _Where:
         return _Where(action, self.uri_for(key), self.bucket, self.endpoint)
 
-    @contextmanager
-    def _errors(self, action: str, key: str) -> Iterator[None]:
-        """Turn boto errors raised inside into TrainerErrors (others pass through)."""
-        try:
-            yield
-        except TrainerError:
-            raise
-        except Exception as error:
-            translated = _translate(error, self._where(action, key))
-            if translated is None:
+    def _call(self, action: str, key: str, call: Callable[[], T]) -> T:
+        """``call()`` with boto errors turned into TrainerErrors (others pass through), and
+        transient failures (StorageUnavailable) retried until the settings' patience is
+        spent; each retry is logged once, at warning level."""
+        where = self._where(action, key)
+
+        def attempt() -> T:
+            try:
+                return call()
+            except TrainerError:
                 raise
-            raise translated from error
+            except Exception as error:
+                translated = _translate(error, where)
+                if translated is None:
+                    raise
+                raise translated from error
+
+        def warn(error: BaseException, tries: int, wait: float, elapsed: float) -> None:
+            log.warning(
+                "%s; retrying in %.1f s (try %d failed, %.0f s of %.0f s spent)",
+                error.message if isinstance(error, TrainerError) else error,
+                wait,
+                tries,
+                elapsed,
+                self._backoff.patience,
+            )
+
+        try:
+            return call_with_retries(
+                attempt, transient=StorageUnavailable, backoff=self._backoff, on_retry=warn
+            )
+        except RetriesExhausted as gave_up:
+            raise _gave_up(gave_up, self._backoff.patience) from gave_up.last
 
 
 def _s3_client(endpoint_url: str | None, region: str | None, settings: S3Settings) -> Any:
@@ -493,9 +544,24 @@ def _missing_bucket(where: _Where) -> ConfigInvalid:
 
 
 def _unavailable(where: _Where, detail: str) -> StorageUnavailable:
+    """A transient failure of one try (retried by ``S3Store._call``)."""
     return StorageUnavailable(
-        f"S3 at {where.endpoint} failed {where.action} {where.uri} ({detail}, after retries)",
-        hint="the endpoint is unreachable, overloaded or failing; the job is retried",
+        f"S3 at {where.endpoint} failed {where.action} {where.uri} ({detail})"
+    )
+
+
+def _gave_up(gave_up: RetriesExhausted, patience: float) -> StorageUnavailable:
+    """The error once transient failures outlasted the patience."""
+    last = gave_up.last
+    message = last.message if isinstance(last, TrainerError) else str(last)
+    return StorageUnavailable(
+        f"{message}; gave up after {gave_up.tries} tries over {gave_up.elapsed:.0f} s",
+        hint=(
+            "the endpoint stayed unreachable, overloaded or failing for longer than "
+            f"spec.output.retryTimeoutSeconds ({patience:g} s); the job is retried from its "
+            "last complete checkpoint. Check the storage service, or raise "
+            "retryTimeoutSeconds to ride out longer outages"
+        ),
     )
 
 
