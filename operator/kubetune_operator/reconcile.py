@@ -55,9 +55,15 @@ TERMINAL_STATES = ("Succeeded", "Failed")
 
 @dataclass(frozen=True)
 class Event:
+    """A Kubernetes Event owed for one transition. ``since`` identifies the status it
+    leaves (state, message, last condition change): the handlers name the Event after
+    it, so an Event re-derived after a crash is the same Event, posted once."""
+
     type: str  # Normal or Warning
     reason: str
     message: str
+    action: str = "Reconcile"  # what the operator did (the Event's ``action``)
+    since: str = ""
 
 
 @dataclass
@@ -346,6 +352,14 @@ def cluster_problems(job: FineTuneJob) -> list[Problem]:
     return []
 
 
+def transition_origin(status: Mapping[str, Any]) -> str:
+    """What identifies the status a transition leaves: its state, its message and the
+    latest change of any condition. It is read from the stored status, so the same
+    transition derived again after a crash has the same origin."""
+    times = [str(x.get("lastTransitionTime") or "") for x in status.get("conditions") or []]
+    return f"{status.get('state')}|{max(times, default='')}|{status.get('message') or ''}"
+
+
 class _Builder:
     """Accumulates the new status and the actions of one reconcile."""
 
@@ -360,6 +374,7 @@ class _Builder:
         self.status["observedGeneration"] = self.generation
         self.conditions: list[dict[str, Any]] = list(self.old.get("conditions") or [])
         self.decision = Decision(status=self.status)
+        self.since = transition_origin(self.old)
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
         self.conditions = c.set_condition(
@@ -372,11 +387,20 @@ class _Builder:
             now=self.now,
         )
 
-    def state(self, state: str, reason: str, message: str, *, warning: bool = False) -> None:
+    def state(
+        self,
+        state: str,
+        reason: str,
+        message: str,
+        *,
+        warning: bool = False,
+        action: str = "ObserveAttempt",
+    ) -> None:
         # An event per transition; a warning also when its message changes in place.
         moved = self.old.get("state") != state
         if moved or (warning and self.old.get("message") != message):
-            self.decision.events.append(Event("Warning" if warning else "Normal", reason, message))
+            kind = "Warning" if warning else "Normal"
+            self.decision.events.append(Event(kind, reason, message, action, self.since))
         self.status["state"] = state
         self.status["message"] = message
 
@@ -413,7 +437,10 @@ def reconcile(
     views = attempts_of(jobs, pods, workloads or ())
     latest = views[-1] if views else None
     attempts = max([v.attempt for v in views] + [int(b.old.get("attempts") or 0)])
-    raw_spec = body.get("spec") or {}
+    spec_field = body.get("spec")
+    # Not an object only when the API server's schema was bypassed: parsing says so
+    # (Accepted=False/InvalidSpec, naming spec); nothing else may read it as one.
+    raw_spec = spec_field if isinstance(spec_field, dict) else {}
     labels = (body.get("metadata") or {}).get("labels") or {}
 
     if b.old.get("state") in TERMINAL_STATES:
@@ -426,7 +453,7 @@ def reconcile(
         b.status["attempts"] = attempts
 
     try:
-        current: FineTuneJob | None = _job_from(body, raw_spec)
+        current: FineTuneJob | None = _job_from(body, {} if spec_field is None else spec_field)
         problems = cluster_problems(current)
     except InvalidManifest as invalid:
         current, problems = None, invalid.problems
@@ -457,7 +484,7 @@ def reconcile(
             return _retry_or_fail(b, current, attempts, vanished, None, image, labels)
         if current is None or problems:
             b.condition(c.ACCEPTED, False, "InvalidSpec", message)
-            b.state("Invalid", "InvalidSpec", message, warning=True)
+            b.state("Invalid", "InvalidSpec", message, warning=True, action="ValidateSpec")
             return b.finish()
         if latest is not None and not latest.finished:
             b.decision.delete_jobs = [latest.name]  # the suspended attempt; resume anew
@@ -483,8 +510,48 @@ def reconcile(
         b.state("Running", "Training", f"attempt {latest.attempt} is training{ranks}")
         return b.finish()
     reason, detail = _pending_reason(latest)
+    retried = _retried(b, views, current)
+    if retried is not None and reason not in _WARNING_REASONS:
+        # Until the next attempt trains, the job is Retrying for the failure's reason
+        # (a reason the user must act on, such as Unschedulable, wins).
+        return _retrying(b, *retried)
     b.condition(c.RUNNING, False, reason, detail)
     b.state("Pending", reason, detail, warning=reason in _WARNING_REASONS)
+    return b.finish()
+
+
+def _retried(
+    b: _Builder, views: list[AttemptView], current: FineTuneJob | None
+) -> tuple[str, str] | None:
+    """The failure's reason and the Retrying message when the latest attempt retries a
+    failed one: derived from the failed attempt's Job while it exists (so a status write
+    lost in a crash is re-derived alike), else kept from the status (its Job was deleted)."""
+    latest = views[-1]
+    previous = views[-2] if len(views) > 1 else None
+    if previous is not None and previous.attempt == latest.attempt - 1:
+        if previous.failed_reason is None:
+            return None
+        failure = attempt_failure(previous)
+        return failure.reason, _retry_message(b, current, previous.attempt, failure)
+    if b.old.get("state") == "Retrying":
+        running = c.get_condition(b.conditions, c.RUNNING) or {}
+        return str(running.get("reason") or "Retrying"), str(b.old.get("message") or "")
+    return None
+
+
+def _retry_message(b: _Builder, current: FineTuneJob | None, failed: int, failure: Failure) -> str:
+    limit = current.spec.retryLimit if current is not None else 0
+    checkpoint = (b.old.get("lastCheckpoint") or {}).get("step")
+    resume = f", resuming from checkpoint step {checkpoint}" if checkpoint else ""
+    return (
+        f"attempt {failed} failed ({failure.reason}: {failure.message}); "
+        f"attempt {failed + 1} of {limit + 1} started{resume}"
+    )
+
+
+def _retrying(b: _Builder, reason: str, message: str) -> Decision:
+    b.condition(c.RUNNING, False, "Retrying", message)
+    b.state("Retrying", reason, message, warning=True, action="RetryAttempt")
     return b.finish()
 
 
@@ -583,9 +650,15 @@ def _pod_pending_reason(pod: PodView) -> tuple[str, str] | None:
 
 
 def _start_attempt(
-    b: _Builder, attempt: int, image: str, started_spec: str, labels: Mapping[str, str]
+    b: _Builder,
+    attempt: int,
+    image: str,
+    started_spec: str,
+    labels: Mapping[str, str],
+    retry: tuple[str, str] | None = None,
 ) -> Decision:
-    """Create the Job of ``attempt``, which runs with ``started_spec``."""
+    """Create the Job of ``attempt``, which runs with ``started_spec``; ``retry`` (the
+    failure's reason and message) when it retries a failed attempt."""
     run_job = _job_from(b.identity, json.loads(started_spec))
     deadline = run_job.spec.activeDeadlineSeconds
     elapsed = _elapsed(b.status.get("startTime"), b.now) or 0.0
@@ -607,13 +680,19 @@ def _start_attempt(
         b.condition(c.SUSPENDED, False, "Resumed", f"resumed with attempt {attempt}")
     if job["spec"]["suspend"]:
         queue = job["metadata"]["labels"][QUEUE_LABEL]
-        message = f"attempt {attempt} created; waits for admission in Kueue queue {queue!r}"
+        created = retry[1] if retry else f"attempt {attempt} created"
+        message = f"{created}; waits for admission in Kueue queue {queue!r}"
         b.condition(c.QUEUED, True, "PendingAdmission", message)
         b.condition(c.RUNNING, False, "PendingAdmission", message)
-        b.state("Queued", "AttemptCreated", message)
+        reason, action = (
+            (retry[0], "RetryAttempt") if retry else ("AttemptCreated", "CreateAttempt")
+        )
+        b.state("Queued", reason, message, warning=retry is not None, action=action)
         return b.finish()
+    if retry is not None:
+        return _retrying(b, *retry)
     b.condition(c.RUNNING, False, "Pending", f"attempt {attempt} created")
-    b.state("Pending", "AttemptCreated", f"attempt {attempt} created")
+    b.state("Pending", "AttemptCreated", f"attempt {attempt} created", action="CreateAttempt")
     return b.finish()
 
 
@@ -642,17 +721,8 @@ def _retry_or_fail(
     spec_text = started or (spec_json(current) if current is not None else None)
     if spec_text is None:
         return _fail(b, [], "InvalidSpec", "cannot retry: the spec is no longer valid")
-    decision = _start_attempt(b, attempts + 1, image, spec_text, labels)
-    checkpoint = (b.old.get("lastCheckpoint") or {}).get("step")
-    resume = f", resuming from checkpoint step {checkpoint}" if checkpoint else ""
-    message = (
-        f"attempt {attempts} failed ({failure.reason}: {failure.message}); "
-        f"attempt {attempts + 1} of {limit + 1} started{resume}"
-    )
-    b.decision.events.clear()
-    b.condition(c.RUNNING, False, "Retrying", message)
-    b.state("Retrying", failure.reason, message, warning=True)
-    return decision
+    retry = (failure.reason, _retry_message(b, current, attempts, failure))
+    return _start_attempt(b, attempts + 1, image, spec_text, labels, retry)
 
 
 def _fail(b: _Builder, views: list[AttemptView], reason: str, message: str) -> Decision:
@@ -660,7 +730,7 @@ def _fail(b: _Builder, views: list[AttemptView], reason: str, message: str) -> D
     b.status["completionTime"] = c.now_rfc3339(b.now)
     b.condition(c.RUNNING, False, reason, message)
     b.condition(c.FAILED, True, reason, message)
-    b.state("Failed", reason, message, warning=True)
+    b.state("Failed", reason, message, warning=True, action="FailJob")
     return b.finish()
 
 
@@ -693,7 +763,7 @@ def _succeed(b: _Builder, attempt: AttemptView) -> Decision:
     uri = (artifact or {}).get("uri", "the output store")
     b.condition(c.RUNNING, False, "Completed", f"attempt {attempt.attempt} completed")
     b.condition(c.SUCCEEDED, True, "Completed", f"the adapter is at {uri}")
-    b.state("Succeeded", "Completed", f"the adapter is at {uri}")
+    b.state("Succeeded", "Completed", f"the adapter is at {uri}", action="CompleteJob")
     return b.finish()
 
 
@@ -713,5 +783,5 @@ def _suspend(b: _Builder, latest: AttemptView | None) -> Decision:
         message = "suspended; set spec.suspend to false to resume from the last checkpoint"
     b.condition(c.SUSPENDED, True, "Suspended", message)
     b.condition(c.RUNNING, False, "Suspended", message)
-    b.state("Suspended", "Suspended", message)
+    b.state("Suspended", "Suspended", message, action="SuspendAttempt")
     return b.finish()

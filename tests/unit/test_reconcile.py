@@ -615,3 +615,127 @@ def test_kstatus_conditions_follow_the_state(
     assert _condition(decision, "Stalled")["status"] == str(stalled)
     assert _condition(decision, "Reconciling")["status"] == str(reconciling)
     assert _condition(decision, "Ready")["observedGeneration"] == 1
+
+
+# -- issue 15: a kill at any line heals; Retrying holds; bad input never crashes ------------
+
+
+def _failed_first_attempt(**spec: Any) -> tuple[dict, dict]:
+    """Attempt 1 (of a job with ``spec``) failed with a retryable error; its pod stopped."""
+    started = reconcile(_job(**spec), [], [], image=IMAGE, now=NOW).create_job["metadata"][
+        "annotations"
+    ][SPEC_ANNOTATION]
+    attempt = _attempt(1, spec_json=started, condition="Failed", reason="BackoffLimitExceeded")
+    pod = _pod(1, "Failed", **_terminated(20, _error(ExitCode.STORAGE_UNAVAILABLE, "no S3")))
+    return attempt, pod
+
+
+def test_retrying_state_and_the_failures_reason_hold_until_the_next_attempt_trains() -> None:
+    failed, failed_pod = _failed_first_attempt()
+    retry = reconcile(_job(RUNNING), [failed], [failed_pod], image=IMAGE, now=NOW)
+    assert retry.create_job["metadata"]["name"] == "job-attempt-2"
+    assert retry.status["state"] == "Retrying"
+    assert "StorageUnavailable: no S3" in retry.status["message"]
+    assert _condition(retry, "Running")["reason"] == "Retrying"  # was lost after finish()
+    assert _condition(retry, "Reconciling")["reason"] == "Retrying"
+    assert [(e.type, e.reason, e.action) for e in retry.events] == [
+        ("Warning", "StorageUnavailable", "RetryAttempt")
+    ]
+
+    second = _attempt(2, spec_json=_started_spec())
+    for pods in ([], [_pod(2, "Pending")]):  # the new Job, then its pod, before it runs
+        later = reconcile(_job(retry.status), [failed, second], [failed_pod, *pods], image=IMAGE)
+        assert later.status["state"] == "Retrying", pods
+        assert later.status["message"] == retry.status["message"]
+        assert later.events == []
+
+    running = reconcile(
+        _job(retry.status), [failed, second], [failed_pod, _pod(2, "Running")], image=IMAGE
+    )
+    assert running.status["state"] == "Running"
+
+
+def test_an_unschedulable_retry_says_so_instead_of_retrying() -> None:
+    failed, failed_pod = _failed_first_attempt()
+    retry = reconcile(_job(RUNNING), [failed], [failed_pod], image=IMAGE, now=NOW)
+    unschedulable = _pod(
+        2,
+        "Pending",
+        conditions=[
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "x"}
+        ],
+    )
+    later = reconcile(
+        _job(retry.status), [failed, _attempt(2)], [failed_pod, unschedulable], image=IMAGE
+    )
+    assert later.status["state"] == "Pending"
+    assert [e.reason for e in later.events] == ["Unschedulable"]
+
+
+def test_a_retry_whose_status_write_was_lost_is_derived_with_the_same_event() -> None:
+    """Killed after creating attempt 2's Job, before writing Retrying (or after posting
+    its Event): the next reconcile derives the same state and the same Event (same
+    transition origin), and creates nothing."""
+    failed, failed_pod = _failed_first_attempt()
+    retry = reconcile(_job(RUNNING), [failed], [failed_pod], image=IMAGE, now=NOW)
+    healed = reconcile(
+        _job(RUNNING),
+        [failed, _attempt(2)],
+        [failed_pod, _pod(2, "Pending")],
+        image=IMAGE,
+        now=NOW + timedelta(seconds=3),
+    )
+    assert healed.create_job is None
+    assert healed.status["state"] == "Retrying" and healed.status["attempts"] == 2
+    assert healed.status["message"] == retry.status["message"]
+    assert healed.events == retry.events
+
+
+def test_a_status_lost_before_any_write_still_gets_the_remaining_deadline() -> None:
+    """Killed between creating attempt 1 and the first status write, and attempt 1 then
+    failed: the retry keeps the first Job's start and gets only what is left of the
+    deadline."""
+    failed, failed_pod = _failed_first_attempt(activeDeadlineSeconds=600)
+    failed["metadata"]["creationTimestamp"] = "2026-11-23T11:58:20Z"  # 100 s before NOW
+    decision = reconcile(
+        _job(activeDeadlineSeconds=600), [failed], [failed_pod], image=IMAGE, now=NOW
+    )
+    assert decision.status["startTime"] == "2026-11-23T11:58:20Z"
+    assert decision.status["attempts"] == 2
+    assert decision.create_job["spec"]["activeDeadlineSeconds"] == 500
+
+
+@pytest.mark.parametrize("spec", ["a string", ["a", "list"], 42])
+def test_a_spec_that_is_not_an_object_is_an_invalid_spec(spec: Any) -> None:
+    """Only possible when the API server's schema is bypassed; never an AttributeError."""
+    body = _job()
+    body["spec"] = spec
+    decision = reconcile(body, [], [], image=IMAGE, now=NOW)
+    assert decision.create_job is None
+    assert decision.status["state"] == "Invalid"
+    accepted = _condition(decision, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "InvalidSpec"
+    assert accepted["message"].startswith("spec:"), accepted["message"]
+    assert [(e.reason, e.action) for e in decision.events] == [("InvalidSpec", "ValidateSpec")]
+
+
+def test_the_same_transition_repeated_later_is_a_new_event() -> None:
+    """Preempted twice in one attempt: each "training again" is its own Event (its origin
+    differs), while the same transition derived twice is one."""
+    labels = {QUEUE_LABEL: "q"}
+    status = dict(RUNNING)
+    origins = []
+    for minute in range(4):
+        queued = minute % 2 == 0
+        pods = [] if queued else [_pod(1, "Running")]
+        decision = reconcile(
+            _job(status, labels=labels),
+            [_attempt(1, suspend=queued, queue="q")],
+            pods,
+            image=IMAGE,
+            now=NOW + timedelta(minutes=minute),
+        )
+        assert len(decision.events) == 1, decision.status
+        origins.append(decision.events[0].since)
+        status = decision.status
+    assert len(set(origins)) == 4
