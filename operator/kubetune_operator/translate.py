@@ -164,6 +164,7 @@ def trainer_config(
             uri=output.uri,
             endpoint_url=output.endpoint,
             region=output.region,
+            retry_timeout_seconds=output.retryTimeoutSeconds,
             merge_adapter=output.mergeAdapter,
         )
     else:

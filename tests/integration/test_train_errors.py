@@ -132,12 +132,15 @@ def test_unreachable_endpoint_is_retryable(
         tiny_model,
         tiny_dataset,
         "s3://bucket/job",
-        output={"endpoint_url": "http://127.0.0.1:9"},  # discard port: nothing listens
+        # the discard port: nothing listens; retried for 2 s (spec.output.retryTimeoutSeconds)
+        output={"endpoint_url": "http://127.0.0.1:9", "retry_timeout_seconds": 2},
     )
     code, result, _ = _run(config, tmp_path, monkeypatch, capsys)
     assert code == ExitCode.STORAGE_UNAVAILABLE
     assert result["error"]["retryable"] is True
     assert "127.0.0.1:9" in result["error"]["message"]
+    assert "gave up after" in result["error"]["message"]
+    assert "retryTimeoutSeconds (2 s)" in result["error"]["hint"]
 
 
 def test_qlora_without_bitsandbytes(

@@ -125,6 +125,12 @@ class OutputConfig(_Strict):
     uri: str = Field(description="s3://bucket/prefix, file:///dir or a local path")
     endpoint_url: str | None = None
     region: str | None = None
+    retry_timeout_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="Keep retrying transiently failing storage calls this long (then exit 20)",
+    )
     merge_adapter: bool = False
 
 

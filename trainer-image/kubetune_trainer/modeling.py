@@ -10,19 +10,25 @@ import torch
 
 from .config import MethodConfig, ModelConfig, QuantizationConfig
 from .errors import ModelInvalid, Unsupported
-from .storage import fetch_to_local
+from .storage import S3Settings, fetch_to_local
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_model_dir(
-    model: ModelConfig, cache_dir: Path, *, endpoint_url: str | None = None
+    model: ModelConfig,
+    cache_dir: Path,
+    *,
+    endpoint_url: str | None = None,
+    settings: S3Settings | None = None,
 ) -> Path:
     """A local directory holding the model's config, weights and tokenizer."""
     source = model.source
     if source.startswith("hf://"):
         return _from_hub(model, cache_dir)
-    local = fetch_to_local(source, cache_dir / "model", endpoint_url=endpoint_url)
+    local = fetch_to_local(
+        source, cache_dir / "model", endpoint_url=endpoint_url, settings=settings
+    )
     if not (local / "config.json").is_file():
         raise ModelInvalid(
             f"model source {source} has no config.json",

@@ -41,7 +41,7 @@ from .errors import Preempted, Unsupported
 from .fastpaths import FastPaths
 from .lossplot import ema, write_loss_plot
 from .progress import ProgressState, process_start_time
-from .storage import Store, fetch_to_local, open_store
+from .storage import S3Settings, Store, fetch_to_local, open_store
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -416,7 +416,10 @@ def _run(
 
     set_seed(config.training.seed)
     endpoint = config.output.endpoint_url
-    store = open_store(config.output.uri, endpoint_url=endpoint, region=config.output.region)
+    s3 = S3Settings(retry_seconds=config.output.retry_timeout_seconds)
+    store = open_store(
+        config.output.uri, endpoint_url=endpoint, region=config.output.region, settings=s3
+    )
     cache = work_dir / "cache"
 
     # Fetch model and data.
@@ -430,7 +433,7 @@ def _run(
     )
     state.fast_paths = fast.names()
     clock.lap("startup")  # process start → here: imports, config, tracking
-    model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint)
+    model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint, settings=s3)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -439,7 +442,9 @@ def _run(
     fetched: dict[str, str] = {}  # local path → the source URI the user wrote
 
     def local(sources: list[str]) -> list[Path]:
-        paths = [fetch_to_local(s, cache / "data", endpoint_url=endpoint) for s in sources]
+        paths = [
+            fetch_to_local(s, cache / "data", endpoint_url=endpoint, settings=s3) for s in sources
+        ]
         fetched.update({str(p): s for p, s in zip(paths, sources, strict=True)})
         return paths
 

@@ -384,6 +384,19 @@ class OutputSpec(ApiModel):
         description="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph); unset for AWS S3.",
     )
     region: str | None = Field(default=None, min_length=1, description="S3 region.")
+    retryTimeoutSeconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description=(
+            "How long the trainer keeps retrying a storage call (upload, download, list) "
+            "that fails transiently (connection refused or reset, timeouts, 5xx, "
+            "throttling), with exponential backoff, before the attempt fails with "
+            "StorageUnavailable (exit 20, retried from the last complete checkpoint). "
+            "Covers model and data downloads from the same endpoint. Rejected credentials "
+            "and missing buckets fail at once."
+        ),
+    )
     credentialsSecretRef: CredentialsSecretRef | None = Field(
         default=None,
         description=(
