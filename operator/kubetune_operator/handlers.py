@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import logging
 import threading
@@ -36,10 +35,11 @@ import kopf
 from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.types import GROUP, PLURAL, VERSION
 from .conditions import now_rfc3339
+from .events import event_manifest, reporting_instance
 from .kube import KubeApi
 from .metrics import OperatorMetrics
 from .progress import changed_fields, fetch_progress, status_from_progress
-from .reconcile import Decision, reconcile
+from .reconcile import Decision, Event, reconcile
 from .sweep import SWEEP_LABEL, SweepDecision, reconcile_sweep
 from .workload import (
     ATTEMPT_LABEL,
@@ -87,7 +87,7 @@ class Reconciler:
         self._reconciled: dict[tuple[str, str], float] = {}
         self._status: dict[tuple[str, str], dict[str, Any]] = {}
         self._written: set[tuple[str, str]] = set()
-        self._context: contextvars.Context | None = None
+        self.instance = reporting_instance()  # the Events' reportingInstance
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -153,19 +153,25 @@ class Reconciler:
         for job in decision.delete_jobs:
             self.api.delete_job(namespace, job)
             logger.info(f"job {job} deleted")
+        self._post_events(body, decision.events, logger)  # before the status records them
         old = body.get("status") or {}
         patch = {k: v for k, v in decision.status.items() if old.get(k) != v}
         if patch:
             self.api.patch_job_status(namespace, name, patch)
             self._written.add(key)
         self._status[key] = {**old, **patch}
-        for event in decision.events:
-            try:
-                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-            except LookupError:  # outside kopf's context before any handler ran: no Event
-                logger.warning(f"event {event.reason} not posted: {event.message}")
         self.metrics.observe_state(namespace, name, decision.status.get("state"))
         self.metrics.observe_status(namespace, name, decision.status)
+
+    def _post_events(self, body: dict[str, Any], events: list[Event], logger: Any) -> None:
+        """Post the transitions' Events. Called before the status patch that records the
+        transitions: a crash in between re-derives them, and the same name makes the
+        repost a 409 (see :mod:`kubetune_operator.events`)."""
+        namespace = body["metadata"]["namespace"]
+        for event in events:
+            manifest = event_manifest(body, event, instance=self.instance)
+            if not self.api.post_event(namespace, manifest):
+                logger.info(f"event {manifest['metadata']['name']} was already posted")
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -194,12 +200,11 @@ class Reconciler:
         for trial_name in decision.stop_trials:
             self.api.patch_trial(namespace, trial_name, {"spec": {"suspend": True}})
             logger.info(f"trial {trial_name} pruned (suspended)")
+        self._post_events(body, decision.events, logger)  # before the status records them
         old = body.get("status") or {}
         patch = {k: v for k, v in decision.status.items() if old.get(k) != v}
         if patch:
             self.api.patch_sweep_status(namespace, name, patch)
-        for event in decision.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         self.metrics.observe_sweep(namespace, name, decision.status)
 
     def poll_progress(self, namespace: str, name: str) -> None:
@@ -234,21 +239,15 @@ class Reconciler:
 
     # -- the two loops: resync of all jobs, progress of the running ones ----------------------
 
-    def remember_context(self, jobs_index: Any, pods_index: Any) -> None:
-        """Keep the indexes (kopf hands them to resource handlers only) and a copy of a
-        handler's context: kopf.event() needs kopf's context variables (its event queue),
-        which the loops' threads would not have otherwise."""
+    def remember_indexes(self, jobs_index: Any, pods_index: Any) -> None:
+        """Keep the indexes: kopf hands them to resource handlers only."""
         self.jobs_index, self.pods_index = jobs_index, pods_index
-        if self._context is None:
-            self._context = contextvars.copy_context()
 
-    def _in_context(self, call: Callable[..., None], *args: Any) -> None:
-        context = self._context.copy() if self._context is not None else None
+    @staticmethod
+    def _logged(call: Callable[..., None], *args: Any) -> None:
+        """Run one job's work from a loop: an error is logged, the loop goes on."""
         try:
-            if context is None:
-                call(*args)
-            else:
-                context.run(call, *args)
+            call(*args)
         except Exception:
             log.exception(f"{getattr(call, '__name__', call)}{args[:2]} failed")
 
@@ -286,7 +285,7 @@ class Reconciler:
             body.setdefault("apiVersion", f"{GROUP}/{VERSION}")
             body.setdefault("kind", "FineTuneJob")
             key = (body["metadata"]["namespace"], body["metadata"]["name"])
-            self._in_context(self._resync_one, key, body, started)
+            self._logged(self._resync_one, key, body, started)
 
     def _resync_one(self, key: tuple[str, str], body: dict[str, Any], started: float) -> None:
         with self._locks[key], self.metrics.reconcile_seconds.time():
@@ -311,9 +310,9 @@ class Reconciler:
         for (namespace, name), status in list(self._status.items()):
             state = status.get("state")
             if state == "Running":
-                futures.append(pool.submit(self._in_context, self.poll_progress, namespace, name))
+                futures.append(pool.submit(self._logged, self.poll_progress, namespace, name))
             elif state == "Queued":
-                futures.append(pool.submit(self._in_context, self.reconcile, namespace, name, log))
+                futures.append(pool.submit(self._logged, self.reconcile, namespace, name, log))
         wait(futures)
 
 
@@ -395,7 +394,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     def job_changed(
         event: dict[str, Any], body: Any, namespace: str, name: str, logger: Any, **kw: Any
     ) -> None:
-        reconciler.remember_context(kw["attempt_jobs"], kw["attempt_pods"])
+        reconciler.remember_indexes(kw["attempt_jobs"], kw["attempt_pods"])
         kind = event.get("type")
         if kind == "DELETED":
             reconciler.forget(namespace, name)
@@ -407,7 +406,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     @kopf.on.event("batch", "v1", "jobs", **workloads)
     @kopf.on.event("", "v1", "pods", **workloads)
     def workload_changed(labels: dict[str, str], namespace: str, logger: Any, **kw: Any) -> None:
-        reconciler.remember_context(kw["attempt_jobs"], kw["attempt_pods"])
+        reconciler.remember_indexes(kw["attempt_jobs"], kw["attempt_pods"])
         job_name = labels.get(JOB_LABEL)
         if job_name:
             reconciler.reconcile(namespace, job_name, logger)
@@ -442,8 +441,10 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
 def configure(settings: kopf.OperatorSettings) -> None:
     """Explicit kopf settings (used by `kubetune operator` and by the tests)."""
     settings.persistence.finalizer = FINALIZER
-    settings.posting.reporting_component = "kubetune-operator"
-    settings.posting.loggers = False  # only our explicit events become Kubernetes Events
+    # The operator posts its Events itself (kubetune_operator.events: named per
+    # transition, before the status records it); kopf posts none.
+    settings.posting.enabled = False
+    settings.posting.loggers = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30

@@ -234,6 +234,13 @@ class KubeApi:
             raise
         return True
 
+    def post_event(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create a core/v1 Event; False when one of that name exists (posted before a
+        crash: see :mod:`kubetune_operator.events`)."""
+        return self._create(
+            "post_event", lambda: self.core.create_namespaced_event(namespace, manifest)
+        )
+
     def suspend_job(self, namespace: str, name: str) -> None:
         """Suspend a Job: the Job controller stops its pods (the trainer checkpoints)."""
         try:

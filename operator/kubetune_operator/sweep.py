@@ -61,7 +61,7 @@ from .api.sweep import (
 )
 from .api.types import FineTuneJobSpec
 from .api.validation import InvalidManifest, Problem, problems_of
-from .reconcile import Event
+from .reconcile import Event, transition_origin
 from .workload import KUEUE_LABELS
 
 # Labels on every trial (a FineTuneJob).
@@ -450,6 +450,9 @@ def trial_manifest(
 # --------------------------------------------------------------------------- reconcile
 
 
+_STATE_ACTIONS = {"Invalid": "ValidateSpec", "Succeeded": "CompleteSweep", "Failed": "FailSweep"}
+
+
 class _Builder:
     """The new status and the actions of one reconcile."""
 
@@ -462,16 +465,18 @@ class _Builder:
         self.status["observedGeneration"] = self.generation
         self.conditions: list[dict[str, Any]] = list(self.old.get("conditions") or [])
         self.decision = SweepDecision(status=self.status)
+        self.since = transition_origin(self.old)  # names the Events (see events.py)
 
-    def event(self, type_: str, reason: str, message: str) -> None:
-        self.decision.events.append(Event(type_, reason, message))
+    def event(self, type_: str, reason: str, message: str, action: str = "ObserveTrials") -> None:
+        self.decision.events.append(Event(type_, reason, message, action, self.since))
 
     def annotate(self, name: str, key: str, value: str) -> None:
         self.decision.annotate_trials.setdefault(name, {})[key] = value
 
     def state(self, state: str, reason: str, message: str, *, warning: bool = False) -> None:
         if self.old.get("state") != state:
-            self.event("Warning" if warning else "Normal", reason, message)
+            action = _STATE_ACTIONS.get(state, "ObserveTrials")
+            self.event("Warning" if warning else "Normal", reason, message, action)
         self.status["state"] = state
         self.status["message"] = message
         if state in ("Succeeded", "Failed") and not self.status.get("completionTime"):
@@ -560,7 +565,7 @@ def _prune(b: _Builder, spec: FineTuneSweepSpec, space: Space, views: list[Trial
             view.state = TrialState.PRUNED
             b.annotate(view.name, PRUNED_ANNOTATION, reason)
             b.decision.stop_trials.append(view.name)
-            b.event("Normal", "TrialPruned", f"trial {view.name} {reason}")
+            b.event("Normal", "TrialPruned", f"trial {view.name} {reason}", "PruneTrial")
 
 
 def _best(views: list[TrialView], direction: str) -> TrialView | None:
@@ -656,6 +661,7 @@ def reconcile_sweep(
                 "Normal",
                 "TrialCreated",
                 f"created trial {manifest['metadata']['name']}: {_describe(shown_params)}",
+                "CreateTrial",
             )
             views.append(
                 TrialView(
