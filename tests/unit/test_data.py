@@ -217,7 +217,7 @@ def test_missing_field_names_the_field_and_rows(tmp_path: Path) -> None:
         load([write_jsonl(tmp_path / "a.jsonl", rows)], format="alpaca")
     assert "4 of 8 rows in a.jsonl" in caught.value.message
     assert "field 'output'" in caught.value.message
-    assert "(rows 2, 5, 6, 7;" in caught.value.message
+    assert "(lines 2, 5, 6, 7;" in caught.value.message
     assert "fieldMapping.output" in (caught.value.hint or "")
 
 
@@ -228,7 +228,7 @@ def test_missing_mapped_column_names_the_column_and_truncates_rows(tmp_path: Pat
         load([write_csv(tmp_path / "q.csv", rows)], format="alpaca", fields=fields)
     message = caught.value.message
     assert "7 of 14 rows" in message and "field 'output' (column 'a')" in message
-    assert "rows 1, 3, 5, 7, 9, ...;" in message
+    assert "lines 2, 4, 6, 8, 10, ...;" in message  # CSV: line 1 is the header
 
 
 def test_bad_turns_are_reported(tmp_path: Path) -> None:
@@ -236,7 +236,7 @@ def test_bad_turns_are_reported(tmp_path: Path) -> None:
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
         {"conversations": [{"from": "narrator", "value": "once"}, {"from": "gpt", "value": "x"}]},
     ]
-    with pytest.raises(DatasetInvalid, match=r"unknown role 'narrator' \(rows 2;"):
+    with pytest.raises(DatasetInvalid, match=r"unknown role 'narrator' \(lines 2;"):
         load([write_jsonl(tmp_path / "s.jsonl", rows)])
     only_user = [{"messages": [{"role": "user", "content": "hi"}]}]
     with pytest.raises(DatasetInvalid, match="without an assistant turn"):

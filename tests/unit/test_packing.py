@@ -69,9 +69,14 @@ def test_seed_shuffles_deterministically() -> None:
     assert sorted(map(str, shuffled)) == sorted(map(str, plain))
 
 
-def test_rows_longer_than_the_limit_are_refused() -> None:
-    with pytest.raises(ValueError, match="1 rows are longer than 8"):
-        pack([row(9), row(3)], 8)
+def test_rows_longer_than_the_capacity_get_a_sequence_of_their_own() -> None:
+    # Validation rows are packed at the capacity the training rows chose; a longer one
+    # (up to maxSeqLength) must be kept whole, not refused, cut or dropped.
+    packed = pack([row(9, 100), row(3, 10), row(12, 200), row(4, 20)], 8)
+    assert sorted(s["input_ids"] for s in packed) == sorted(
+        [list(range(100, 109)), list(range(200, 212)), list(range(20, 24)) + list(range(10, 13))]
+    )
+    assert all(max(s["position_ids"]) < 12 for s in packed)
 
 
 # --------------------------------------------------------------------------- collators

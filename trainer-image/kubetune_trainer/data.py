@@ -14,20 +14,28 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .config import DatasetConfig, FieldMapping
 from .errors import DatasetInvalid
 
+log = logging.getLogger("kubetune.trainer")
+
 IGNORE_INDEX = -100
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 DETECTION_ROWS = 10
-MAX_ROWS_SHOWN = 5
+MAX_ROWS_SHOWN = 5  # row numbers listed per problem (then "...")
+MAX_PROBLEM_CHARS = 400  # one problem's message (a cell's value may be megabytes)
+MESSAGE_BUDGET = 1800  # problems listed in one error message; the rest are counted
+MAX_PROBLEMS_LOGGED = 50
+MAX_HINTS = 3
+MAX_KEYS_SHOWN = 20
 
 # The keys each format needs (before field mapping), in auto-detection order.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -70,10 +78,14 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 @dataclass(frozen=True)
 class Example:
-    """One normalized training example: a chat (role, content pairs) or plain text."""
+    """One normalized training example: a chat (role, content pairs) or plain text.
+
+    ``origin`` (file and line or row) only names the example in messages: two examples
+    with the same content are equal (and duplicates) wherever they came from."""
 
     messages: tuple[tuple[str, str], ...] = ()
     text: str | None = None
+    origin: str = field(default="", compare=False)
 
     @property
     def is_text(self) -> bool:
@@ -86,11 +98,13 @@ class Example:
 
 @dataclass
 class PreparedData:
-    """Train and validation examples plus what happened on the way (JSON-able stats)."""
+    """Train and validation examples plus what happened on the way (JSON-able stats) and
+    the warnings a user should see (data dropped or changed on the way)."""
 
     train: list[Example]
     validation: list[Example]
     stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class _RowError(Exception):
@@ -102,11 +116,59 @@ class _RowError(Exception):
         self.problem = problem
 
 
+class Problems:
+    """Every problem found in one pass over the dataset, raised together as one
+    :class:`DatasetInvalid`, so that a user fixes them all after one run, not one a run.
+
+    The message lists as many problems as fit :data:`MESSAGE_BUDGET` characters (the
+    termination message holds 4 KiB) and counts the rest; the log lists the first
+    :data:`MAX_PROBLEMS_LOGGED`."""
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, str]] = []  # (message, hint)
+
+    def add(self, message: str, hint: str) -> None:
+        self.found.append((_clip(message, MAX_PROBLEM_CHARS), hint))
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def raise_if_any(self) -> None:
+        if not self.found:
+            return
+        if len(self.found) == 1:
+            raise DatasetInvalid(*self.found[0])
+        total = len(self.found)
+        for number, (message, _) in enumerate(self.found[:MAX_PROBLEMS_LOGGED], start=1):
+            log.error("dataset problem %d of %d: %s", number, total, message)
+        shown: list[str] = []
+        for message, _ in self.found:
+            if shown and sum(map(len, shown)) + len(message) > MESSAGE_BUDGET:
+                break
+            shown.append(message)
+        listed = "; ".join(f"({number}) {message}" for number, message in enumerate(shown, 1))
+        rest = (
+            f"; and {total - len(shown)} more (the pod log lists them)"
+            if total > len(shown)
+            else ""
+        )
+        hints = list(dict.fromkeys(hint for _, hint in self.found))
+        raise DatasetInvalid(
+            f"{total} problems in the dataset: {listed}{rest}",
+            hint=_clip("; ".join(hints[:MAX_HINTS]), MAX_PROBLEM_CHARS),
+        )
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # --------------------------------------------------------------------------- reading
 
 
-def expand_paths(paths: Iterable[Path]) -> list[Path]:
+def expand_paths(paths: Iterable[Path], problems: Problems | None = None) -> list[Path]:
     """Files to read: each file as is, each directory's supported files (sorted)."""
+    own = Problems() if problems is None else problems
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -116,97 +178,255 @@ def expand_paths(paths: Iterable[Path]) -> list[Path]:
                 if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
             )
             if not found:
-                raise DatasetInvalid(
+                own.add(
                     f"dataset directory {path.name} has no {'/'.join(SUPPORTED_EXTENSIONS)} files",
                     hint="point dataset.sources at the data files or a prefix that holds them",
                 )
             files.extend(found)
         else:
             files.append(path)
+    if problems is None:
+        own.raise_if_any()
     return files
 
 
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of one file as ``(row number, row)``; row numbers are 1-based per file.
+def read_rows(path: Path, problems: Problems | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of one file as ``(number, row)``: the line number for JSONL and CSV (blank
+    JSONL lines are skipped), the 1-based row for JSON lists and Parquet.
 
-    For JSONL the row number is the line number (blank lines are skipped).
-    """
-    readers: dict[str, Callable[[Path], Iterator[tuple[int, Any]]]] = {
-        ".jsonl": _read_jsonl,
-        ".json": _read_json,
-        ".csv": _read_csv,
-        ".parquet": _read_parquet,
-    }
-    reader = readers.get(path.suffix.lower())
+    Every problem (unreadable lines, rows that are not objects, ...) goes into
+    ``problems``, and the rows that could be read are returned; without ``problems`` the
+    first call that finds any raises them as one DatasetInvalid."""
+    own = Problems() if problems is None else problems
+    rows: list[tuple[int, Any]] = []
+    reader = _READERS.get(path.suffix.lower())
+    unit = _unit(path)
     if reader is None:
-        raise DatasetInvalid(
+        own.add(
             f"dataset file {path.name} has an unsupported extension {path.suffix!r}",
             hint=f"convert it to one of {', '.join(SUPPORTED_EXTENSIONS)}",
         )
-    if not path.is_file():
-        raise DatasetInvalid(f"dataset file {path} does not exist", hint="check dataset.sources")
-    rows = list(reader(path))
+    elif not path.is_file():
+        own.add(f"dataset file {path} does not exist", hint="check dataset.sources")
+    elif (kind := _binary_kind(path)) is not None:
+        own.add(f"dataset file {path.name} is not UTF-8 text: it looks {kind[0]}", hint=kind[1])
+    else:
+        rows = list(reader(path, own))
     bad = [number for number, row in rows if not isinstance(row, dict)]
     if bad:
-        raise DatasetInvalid(
-            f"{len(bad)} rows in {path.name} are not objects (rows {_numbers(bad)})",
+        own.add(
+            f"{_where(unit, bad)} of {path.name} {_be(bad)} not "
+            + ("an object" if len(bad) == 1 else "objects"),
             hint="each row must be an object with named fields",
         )
-    return rows
+    if problems is None:
+        own.raise_if_any()
+    return [(number, row) for number, row in rows if isinstance(row, dict)]
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
+NOT_UTF8_HINT = (
+    "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8 in.jsonl > out.jsonl), "
+    "or fix or drop those lines"
+)
+# File starts that mean "not a text file", what the file looks like, and the fix.
+_MAGIC: dict[bytes, tuple[str, str]] = {
+    b"\x1f\x8b": ("gzip-compressed", "decompress it (gunzip) before uploading"),
+    b"PK\x03\x04": ("like a zip archive", "unzip it and point dataset.sources at the files"),
+    b"BZh": ("bzip2-compressed", "decompress it (bunzip2) before uploading"),
+    b"\x28\xb5\x2f\xfd": ("zstd-compressed", "decompress it (unzstd) before uploading"),
+    b"PAR1": ("like Parquet", "give it the .parquet extension"),
+    b"\xff\xfe": ("UTF-16 encoded", "save it as UTF-8 (iconv -f utf-16 -t utf-8)"),
+    b"\xfe\xff": ("UTF-16 encoded", "save it as UTF-8 (iconv -f utf-16 -t utf-8)"),
+}
+
+
+def _binary_kind(path: Path) -> tuple[str, str] | None:
+    """What a text-format file looks like when it is not text, and the fix; else None."""
+    if path.suffix.lower() == ".parquet":
+        return None
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    for magic, (kind, hint) in _MAGIC.items():
+        if head.startswith(magic):
+            return f"{kind} (it starts with bytes {head[:4].hex(' ')})", hint
+    if b"\x00" in head:
+        return "binary (it has NUL bytes)", "upload the data as UTF-8 JSONL, JSON, CSV or Parquet"
+    return None
+
+
+def _unit(path: Path) -> str:
+    """What a row number counts in this file: lines (JSONL, CSV) or rows (JSON, Parquet)."""
+    return "line" if path.suffix.lower() in (".jsonl", ".csv") else "row"
+
+
+def _where(unit: str, numbers: Sequence[int]) -> str:
+    """``line 3``, ``lines 3, 7`` or ``12 lines (3, 7, 9, 10, 11, ...)``."""
+    if len(numbers) == 1:
+        return f"{unit} {numbers[0]}"
+    if len(numbers) <= MAX_ROWS_SHOWN:
+        return f"{unit}s {_numbers(numbers)}"
+    return f"{len(numbers)} {unit}s ({_numbers(numbers)})"
+
+
+def _undecodable(error: UnicodeDecodeError) -> str:
+    return f"byte 0x{error.object[error.start]:02x} at byte offset {error.start}"
+
+
+def _json_problem(error: ValueError | RecursionError) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} (column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return _clip(str(error), 120)  # e.g. an integer with more digits than Python converts
+
+
+def _read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
+    not_text: list[int] = []
+    not_json: list[int] = []
+    first_text = first_json = ""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as error:
+                not_text.append(number)
+                first_text = first_text or f"line {number}: {_undecodable(error)}"
+                continue
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DatasetInvalid(
-                    f"line {number} of {path.name} is not valid JSON: {error.msg}",
-                    hint="JSONL files need one JSON object per line",
-                ) from error
+                value = json.loads(line)
+            except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+                not_json.append(number)
+                first_json = first_json or f"line {number}: {_json_problem(error)}"
+                continue
+            yield number, value
+    if not_text:
+        problems.add(
+            f"{_where('line', not_text)} of {path.name} {_be(not_text)} not UTF-8 text "
+            f"({first_text})",
+            hint=NOT_UTF8_HINT,
+        )
+    if not_json:
+        detail = first_json.split(": ", 1)[1] if len(not_json) == 1 else first_json
+        problems.add(
+            f"{_where('line', not_json)} of {path.name} {_be(not_json)} not valid JSON: {detail}",
+            hint="JSONL files need one JSON object per line",
+        )
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8-sig")
+def _be(numbers: Sequence[int]) -> str:
+    return "is" if len(numbers) == 1 else "are"
+
+
+def _read_json(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        problems.add(
+            f"line {line} of {path.name} is not UTF-8 text ({_undecodable(error)})",
+            hint=NOT_UTF8_HINT,
+        )
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":  # really JSON Lines with a .json name
-            yield from _read_jsonl(path)
+            yield from _read_jsonl(path, problems)
             return
-        raise DatasetInvalid(
-            f"{path.name} is not valid JSON: {error.msg} (line {error.lineno})",
+        problems.add(
+            f"line {error.lineno} of {path.name} is not valid JSON: {_json_problem(error)}",
             hint="fix the file, or use .jsonl with one object per line",
-        ) from error
+        )
+        return
+    except (ValueError, RecursionError) as error:
+        problems.add(
+            f"{path.name} is not valid JSON: {_json_problem(error)}",
+            hint="fix the file, or use .jsonl with one object per line",
+        )
+        return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DatasetInvalid(
+        problems.add(
             f"{path.name} holds a JSON {type(data).__name__}, not a list of rows",
             hint='use a JSON list of objects, {"data": [...]}, or JSONL',
         )
+        return
     yield from enumerate(data, start=1)
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        for number, row in enumerate(csv.DictReader(handle), start=1):
-            yield number, {key: value for key, value in row.items() if key is not None}
+# Python's csv refuses cells over 128 KiB by default; a long document is a valid cell.
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_csv(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
+    not_text: list[int] = []
+    first_text = ""
+
+    def lines() -> Iterator[str]:
+        nonlocal first_text
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    yield raw.decode("utf-8-sig")
+                except UnicodeDecodeError as error:
+                    not_text.append(number)
+                    first_text = first_text or f"line {number}: {_undecodable(error)}"
+                    yield raw.decode("utf-8", errors="replace")
+
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.DictReader(lines())
+    extra: list[int] = []
+    try:
+        for row in reader:
+            if None in row:  # more cells than the header has columns
+                extra.append(reader.line_num)
+            yield reader.line_num, {key: value for key, value in row.items() if key is not None}
+    except csv.Error as error:
+        problems.add(
+            f"line {reader.line_num} of {path.name} is not valid CSV: {error}",
+            hint="re-export the file as CSV with a header row (quote cells with commas, quotes "
+            "or line breaks)",
+        )
+    if extra:
+        problems.add(
+            f"{_where('line', extra)} of {path.name} {'has' if len(extra) == 1 else 'have'} "
+            f"more cells than the header's {len(reader.fieldnames or [])} columns",
+            hint="quote cells that contain commas, or add the missing column names to the header",
+        )
+    if not_text:
+        problems.add(
+            f"{_where('line', not_text)} of {path.name} {_be(not_text)} not UTF-8 text "
+            f"({first_text})",
+            hint=NOT_UTF8_HINT,
+        )
+
+
+def _read_parquet(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises several types for corrupt files
-        raise DatasetInvalid(
-            f"{path.name} could not be read as Parquet: {error}", hint="re-export the file"
-        ) from error
+    except (pa.ArrowException, OSError, ValueError) as error:  # ArrowInvalid, ArrowIOError...
+        problems.add(
+            f"{path.name} could not be read as Parquet: {_clip(str(error), 200)}",
+            hint="re-export the file (for example with pandas' to_parquet); a truncated "
+            "upload looks like this too",
+        )
+        return
     yield from enumerate(table.to_pylist(), start=1)
+
+
+_READERS: dict[str, Callable[[Path, Problems], Iterator[tuple[int, Any]]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
 
 
 def _sha256(path: Path) -> str:
@@ -234,9 +454,12 @@ def detect_format(rows: Sequence[Mapping[str, Any]], fields: FieldMapping, name:
         f"{fmt}: {', '.join(_column(fields, key) for key in keys)}"
         for fmt, keys in FORMAT_KEYS.items()
     )
+    keys = sorted(map(str, seen))
+    shown = ", ".join(_clip(key, 40) for key in keys[:MAX_KEYS_SHOWN])
+    more = f", ... ({len(keys)} keys)" if len(keys) > MAX_KEYS_SHOWN else ""
     raise DatasetInvalid(
         f"could not detect the format of {name}: its rows have keys "
-        f"[{', '.join(sorted(seen))}], but each format expects keys ({expected})",
+        f"[{shown}{more}], but each format expects keys ({expected})",
         hint="set spec.dataset.format, and spec.dataset.fieldMapping to name your columns "
         "(e.g. fieldMapping.output: answer)",
     )
@@ -289,7 +512,7 @@ def _turns(row: Mapping[str, Any], fields: FieldMapping, key: str) -> Example:
     if isinstance(value, str) and value.lstrip().startswith("["):  # JSON in a CSV cell
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, or too deep
             raise _RowError(key, "not a valid JSON list") from error
     if not isinstance(value, list) or not value:
         raise _RowError(key)
@@ -305,7 +528,7 @@ def _turn(turn: Any, key: str) -> tuple[str, str]:
     raw_role = turn.get("role", turn.get("from"))
     role = ROLE_ALIASES.get(str(raw_role).lower()) if raw_role is not None else None
     if role is None:
-        raise _RowError(key, f"with an unknown role {raw_role!r}")
+        raise _RowError(key, f"with an unknown role {_clip(repr(raw_role), 40)}")
     content = turn.get("content", turn.get("value"))
     if isinstance(content, list):  # OpenAI content parts
         parts = [p.get("text") for p in content if isinstance(p, Mapping)]
@@ -327,26 +550,39 @@ NORMALIZERS: dict[str, Callable[[Mapping[str, Any], FieldMapping], Example]] = {
 
 
 def normalize_rows(
-    rows: Sequence[tuple[int, dict[str, Any]]], fmt: str, fields: FieldMapping, name: str
+    rows: Sequence[tuple[int, dict[str, Any]]],
+    fmt: str,
+    fields: FieldMapping,
+    name: str,
+    problems: Problems | None = None,
+    *,
+    unit: str = "row",
 ) -> list[Example]:
-    """Every row as an Example; DatasetInvalid naming the field and rows on any problem."""
+    """Every row as an Example (its origin: ``name`` and the row's ``unit`` and number).
+
+    Each distinct problem (field, what is wrong) goes into ``problems`` with the rows
+    that have it; without ``problems`` they are raised as one DatasetInvalid."""
+    own = Problems() if problems is None else problems
     normalize = NORMALIZERS[fmt]
     examples: list[Example] = []
-    problems: dict[tuple[str, str], list[int]] = {}
+    found: dict[tuple[str, str], list[int]] = {}
     for number, row in rows:
         try:
-            examples.append(normalize(row, fields))
+            example = normalize(row, fields)
         except _RowError as error:
-            problems.setdefault((error.field, error.problem), []).append(number)
-    if problems:
-        (key, problem), numbers = max(problems.items(), key=lambda item: len(item[1]))
+            found.setdefault((error.field, error.problem), []).append(number)
+        else:
+            examples.append(replace(example, origin=f"{name} {unit} {number}"))
+    for (key, problem), numbers in found.items():
         column = _column(fields, key)
         named = f"field {key!r}" + (f" (column {column!r})" if column != key else "")
-        raise DatasetInvalid(
+        own.add(
             f"{len(numbers)} of {len(rows)} rows in {name} have {named} {problem} "
-            f"(rows {_numbers(numbers)}; format {fmt})",
+            f"({unit}s {_numbers(numbers)}; format {fmt})",
             hint=_fix_hint(fmt, key),
         )
+    if problems is None:
+        own.raise_if_any()
     return examples
 
 
@@ -367,17 +603,27 @@ def _numbers(numbers: Sequence[int]) -> str:
 
 
 def load_files(
-    paths: Sequence[Path], config: DatasetConfig, split: str
+    paths: Sequence[Path], config: DatasetConfig, split: str, problems: Problems | None = None
 ) -> tuple[list[Example], list[dict[str, Any]]]:
-    """Examples of all files, and one provenance record (sha256, rows, format) per file."""
+    """Examples of all files, and one provenance record (sha256, rows, format) per file.
+
+    Problems of every file go into ``problems``; without it they are raised together."""
+    own = Problems() if problems is None else problems
     examples: list[Example] = []
     records: list[dict[str, Any]] = []
-    for path in expand_paths(paths):
-        rows = read_rows(path)
+    for path in expand_paths(paths, own):
+        rows = read_rows(path, own)
+        if not path.is_file():
+            continue
         fmt: str = config.format
         if fmt == "auto" and rows:
-            fmt = detect_format([row for _, row in rows], config.fields, path.name)
-        examples.extend(normalize_rows(rows, fmt, config.fields, path.name) if rows else [])
+            try:
+                fmt = detect_format([row for _, row in rows], config.fields, path.name)
+            except DatasetInvalid as error:
+                own.add(error.message, error.hint or "")
+                continue
+        if rows:
+            examples += normalize_rows(rows, fmt, config.fields, path.name, own, unit=_unit(path))
         records.append(
             {
                 "path": str(path),
@@ -388,6 +634,8 @@ def load_files(
                 "format": fmt,
             }
         )
+    if problems is None:
+        own.raise_if_any()
     return examples, records
 
 
@@ -423,37 +671,96 @@ def prepare(
 
     With ``validation_paths`` those files are the validation set (minus anything also
     in train); otherwise ``config.validation_ratio`` of the train rows is held out.
-    """
-    train, sources = load_files(paths, config, "train")
-    rows_read = sum(record["rows"] for record in sources)
-    if not train:
-        raise DatasetInvalid(
+    Every problem in any file is raised at once (one DatasetInvalid); what is dropped on
+    the way (empty files, duplicates, validation examples also in train) is a warning."""
+    problems = Problems()
+    train, sources = load_files(paths, config, "train", problems)
+    if not train and not problems:
+        problems.add(
             "the dataset is empty: no rows in " + ", ".join(r["name"] for r in sources),
             hint="check spec.dataset.sources points at files with data",
         )
+    validation: list[Example] = []
+    if validation_paths:
+        validation, records = load_files(validation_paths, config, "validation", problems)
+        sources += records
+    problems.raise_if_any()
+    warnings = [f"{r['name']} ({r['split']}) has no rows" for r in sources if not r["rows"]]
+    read = len(train)
     train, duplicates = dedupe(train)
+    if duplicates:
+        warnings.append(
+            f"{duplicates} of {read} training rows repeat an earlier row exactly and were "
+            f"dropped; {_examples(len(train), 'distinct')} remain"
+        )
     leakage = 0
     if validation_paths:
-        validation, records = load_files(validation_paths, config, "validation")
-        sources += records
-        rows_read += sum(record["rows"] for record in records)
+        validation_read = len(validation)
         validation, validation_duplicates = dedupe(validation)
         duplicates += validation_duplicates
+        if validation_duplicates:
+            warnings.append(
+                f"{validation_duplicates} of {validation_read} validation rows repeat an "
+                "earlier row exactly and were dropped"
+            )
         in_train = set(train)
         kept = [example for example in validation if example not in in_train]
         leakage = len(validation) - len(kept)
+        if leakage:
+            warnings.append(_leakage_warning(leakage, len(validation)))
         validation = kept
     else:
         train, validation = split_examples(train, config.validation_ratio, seed)
+        if config.validation_ratio > 0 and not validation:
+            warnings.append(
+                f"only {_examples(len(train), 'distinct')}: none held out for validation, so "
+                "the run reports no eval loss"
+            )
     stats = {
-        "rows_read": rows_read,
+        "rows_read": sum(record["rows"] for record in sources),
         "duplicates_removed": duplicates,
         "leakage_removed": leakage,
         "train_examples": len(train),
         "validation_examples": len(validation),
         "sources": sources,
     }
-    return PreparedData(train=train, validation=validation, stats=stats)
+    return PreparedData(train=train, validation=validation, stats=stats, warnings=warnings)
+
+
+def _examples(count: int, kind: str) -> str:
+    return f"{count} {kind} example" + ("" if count == 1 else "s")
+
+
+def _leakage_warning(leaked: int, total: int) -> str:
+    if leaked < total:
+        return (
+            f"{leaked} of {total} validation examples also appear in the training data and "
+            "were dropped from validation (so eval loss measures unseen examples)"
+        )
+    return (
+        f"all {total} validation examples also appear in the training data and were "
+        "dropped: no validation examples remain, so the run reports no eval loss; give "
+        "spec.dataset.validation.sources that differ from the training data, or use "
+        "validation.percent"
+    )
+
+
+def tokenize_warnings(stats: Mapping[str, int], split: str, max_seq_length: int) -> list[str]:
+    """What :func:`tokenize_examples` cut or dropped, as warnings for the user."""
+    warnings = []
+    total = stats.get("tokenized_examples", 0) + stats.get("dropped_examples", 0)
+    if stats.get("truncated_examples"):
+        warnings.append(
+            f"{stats['truncated_examples']} of {total} {split} examples are longer than "
+            f"maxSeqLength {max_seq_length} tokens and were truncated"
+        )
+    if stats.get("dropped_examples"):
+        warnings.append(
+            f"{stats['dropped_examples']} of {total} {split} examples have no response "
+            f"tokens within maxSeqLength {max_seq_length} and were dropped "
+            "(raise spec.dataset.maxSeqLength or shorten the prompts)"
+        )
+    return warnings
 
 
 # --------------------------------------------------------------------------- tokenizing
@@ -475,25 +782,34 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     return True
 
 
+class _TemplateRejected(Exception):
+    """The chat template raised on a conversation (jinja2's error, as text)."""
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+    """``tokenizer.apply_chat_template``, with a template's own failure (a jinja2 error,
+    ``raise_exception`` in the template, a type error inside it) as _TemplateRejected."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except (TemplateError, TypeError, ValueError, LookupError, AttributeError) as error:
+        roles = ", ".join(message["role"] for message in messages)
+        raise _TemplateRejected(f"{_clip(str(error), 200)} (roles: {roles})") from error
+
+
 def _render(
     tokenizer: Any, template: str, messages: list[dict[str, str]], *, generation_prompt: bool
 ) -> str:
-    try:
-        return str(
-            tokenizer.apply_chat_template(
-                messages,
-                chat_template=template,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            )
+    return str(
+        _apply_template(
+            tokenizer,
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
-    except Exception as error:  # jinja2 raises TemplateError/TypeError/... from templates
-        roles = ", ".join(message["role"] for message in messages)
-        raise DatasetInvalid(
-            f"the model's chat template rejected a conversation (roles: {roles}): {error}",
-            hint="templates of some models reject system prompts or turns that do not "
-            "alternate user/assistant; reshape those rows",
-        ) from error
+    )
 
 
 def assistant_char_spans(
@@ -562,7 +878,8 @@ def encode_chat(tokenizer: Any, template: str, example: Example) -> tuple[list[i
     """``(input_ids, labels)`` of one chat, labels only on assistant tokens."""
     messages = example.chat()
     if _GENERATION_TAG.search(template):  # the template marks assistant text itself
-        encoded = tokenizer.apply_chat_template(
+        encoded = _apply_template(
+            tokenizer,
             messages,
             chat_template=template,
             tokenize=True,
@@ -606,11 +923,16 @@ def tokenize_examples(
     template = chat_template_for(tokenizer)
     rows: list[dict[str, list[int]]] = []
     truncated = dropped = 0
+    rejected: list[tuple[str, str]] = []  # (origin, the template's error)
     for example in examples:
         if example.text is not None:
             ids, labels = encode_text(tokenizer, example.text)
         else:
-            ids, labels = encode_chat(tokenizer, template, example)
+            try:
+                ids, labels = encode_chat(tokenizer, template, example)
+            except _TemplateRejected as error:
+                rejected.append((example.origin or "a conversation", str(error)))
+                continue
         if len(ids) > max_seq_length:
             truncated += 1
             ids, labels = ids[:max_seq_length], labels[:max_seq_length]
@@ -619,6 +941,15 @@ def tokenize_examples(
             dropped += 1
             continue
         rows.append({"input_ids": ids, "labels": labels})
+    if rejected:
+        origins = ", ".join(origin for origin, _ in rejected[:MAX_ROWS_SHOWN])
+        more = ", ..." if len(rejected) > MAX_ROWS_SHOWN else ""
+        raise DatasetInvalid(
+            f"the model's chat template rejected {len(rejected)} of {len(examples)} "
+            f"conversations ({origins}{more}); the first: {rejected[0][1]}",
+            hint="templates of some models reject system prompts or turns that do not "
+            "alternate user/assistant; reshape those rows",
+        )
     if not rows and not allow_empty:
         raise DatasetInvalid(
             f"no trainable examples: {dropped} of {len(examples)} have no response tokens "

@@ -89,3 +89,16 @@ class Preempted(TrainerError):
     """SIGTERM arrived; a checkpoint was saved when training had started."""
 
     exit_code = ExitCode.PREEMPTED
+
+
+class PreemptionSignal(BaseException):
+    """Raised by the SIGTERM handler when the pod is stopped outside the training loop.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: no ``except Exception`` on the way up
+    (ours, or a library's, e.g. around a chat template or a file reader) can turn the
+    preemption into another error. ``main.execute`` reports it as :class:`Preempted`
+    (exit 21, retryable), whatever stage the run was in."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from .config import TrainerConfig
 from .distributed import World
-from .errors import ConfigInvalid, ExitCode, Preempted, TrainerError
+from .errors import ConfigInvalid, ExitCode, Preempted, PreemptionSignal, TrainerError
 from .progress import ProgressServer, ProgressState, write_termination_message
 
 log = logging.getLogger("kubetune.trainer")
@@ -42,15 +42,43 @@ log = logging.getLogger("kubetune.trainer")
 TERMINATION_MESSAGE_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
 
 
+# Phases (ProgressState.phase) that SIGTERM ends at once, and how the message names them.
+# While training, the loop stops at the next step end with a checkpoint; once the run is
+# done or failed, its result is being written and SIGTERM changes nothing.
+_STAGES_STOPPED_AT_ONCE = {
+    "starting": "starting, before training started",
+    "preparing": "preparing the model and data, before training started",
+    "saving": "saving the artifact, after training",
+}
+
+
 def _install_sigterm(stop: threading.Event, state: ProgressState) -> None:
-    """SIGTERM: checkpoint at the next step end if training, else stop at once."""
+    """SIGTERM: checkpoint at the next step end if training, else stop at once.
+
+    Outside the training loop the handler raises :class:`PreemptionSignal`, a
+    BaseException, so that no ``except Exception`` between here and :func:`execute`
+    (a file reader's, a chat template's, a library's) can report a preemption as
+    anything but Preempted (exit 21, retryable)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
-        if state.phase != "training":
-            raise Preempted("stopped by SIGTERM before training started")
+        if state.phase in _STAGES_STOPPED_AT_ONCE:
+            raise PreemptionSignal(state.phase)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def as_trainer_error(raised: BaseException) -> TrainerError:
+    """What ``execute`` reports for an exception that ended the run."""
+    if isinstance(raised, TrainerError):
+        return raised
+    if isinstance(raised, PreemptionSignal):
+        return Preempted(
+            f"stopped by SIGTERM while {_STAGES_STOPPED_AT_ONCE.get(raised.stage, raised.stage)}",
+            hint="the pod was preempted or evicted; the next attempt starts this stage again "
+            "(training resumes from the newest complete checkpoint, if any)",
+        )
+    return _internal(raised)
 
 
 def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
@@ -62,7 +90,6 @@ def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
     world = World.from_env()
     state = ProgressState(world_size=world.size)
     stop = threading.Event()
-    _install_sigterm(stop, state)
     reporting = config.reporting
     server = (
         ProgressServer(state, reporting.progress_port)
@@ -73,6 +100,7 @@ def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
     result: dict[str, Any]
     with server, tempfile.TemporaryDirectory(prefix="kubetune-") as scratch:
         try:
+            _install_sigterm(stop, state)
             outcome = train.run(
                 config,
                 work_dir=work_dir or Path(scratch),
@@ -80,9 +108,9 @@ def execute(config: TrainerConfig, work_dir: Path | None = None) -> int:
                 stop=stop,
                 progress_bar=reporting.progress_bar,
             )
-        except Exception as raised:
-            error = raised if isinstance(raised, TrainerError) else _internal(raised)
-            state.phase = "failed"
+        except (Exception, PreemptionSignal) as raised:
+            state.phase = "failed"  # first: from here on SIGTERM raises nothing
+            error = as_trainer_error(raised)
             state.message = str(error)
             code = error.exit_code
             result = {

@@ -74,7 +74,7 @@ def _quantization(quant: QuantizationConfig) -> Any:
 
     try:
         import bitsandbytes  # noqa: F401
-    except Exception as error:  # ImportError or a broken native library
+    except (ImportError, OSError, RuntimeError) as error:  # missing, or a broken native library
         raise Unsupported(
             f"qlora needs bitsandbytes, which cannot be loaded here: {error}",
             hint="use the kubetune trainer image, or method.type lora",

@@ -36,20 +36,20 @@ Batch = dict[str, Any]
 
 
 def pack(
-    rows: Sequence[Feature], max_seq_length: int, *, seed: int | None = None
+    rows: Sequence[Feature], capacity: int, *, seed: int | None = None
 ) -> list[dict[str, list[int]]]:
-    """Pack ``{"input_ids", "labels"}`` rows into sequences of at most ``max_seq_length``.
+    """Pack ``{"input_ids", "labels"}`` rows into sequences of at most ``capacity`` tokens.
 
     Best-fit decreasing: longest rows first, each into the fullest sequence it still
-    fits in (ties: the earlier sequence), so the result is deterministic. With ``seed``
-    the packed sequences are shuffled (deterministically), otherwise they come out
-    longest-first. Each output has ``input_ids``, ``labels`` and ``position_ids``.
+    fits in (ties: the earlier sequence), so the result is deterministic. A row longer
+    than ``capacity`` (rows are already cut to maxSeqLength; the capacity may be less,
+    e.g. validation rows packed at the capacity the training rows chose) is a sequence
+    of its own, never cut or dropped. With ``seed`` the packed sequences are shuffled
+    (deterministically), otherwise they come out longest-first. Each output has
+    ``input_ids``, ``labels`` and ``position_ids``.
     """
-    too_long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > max_seq_length]
-    if too_long:
-        raise ValueError(f"{len(too_long)} rows are longer than {max_seq_length}; truncate first")
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i]["input_ids"]), i))
-    bins = _best_fit([len(rows[i]["input_ids"]) for i in order], max_seq_length)
+    bins = _best_fit([len(rows[i]["input_ids"]) for i in order], capacity)
     packed = [_concatenate([rows[order[j]] for j in members]) for members in bins]
     if seed is not None:
         random.Random(seed).shuffle(packed)
@@ -57,7 +57,8 @@ def pack(
 
 
 def _best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Bins (lists of item indices) for items in the given order, best fit each."""
+    """Bins (lists of item indices) for items in the given order, best fit each; an item
+    over ``capacity`` gets a (full) bin of its own."""
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free space, bin index), sorted
     for item, length in enumerate(lengths):
@@ -68,7 +69,7 @@ def _best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         else:
             space, index = capacity, len(bins)
             bins.append([item])
-        bisect.insort(free, (space - length, index))
+        bisect.insort(free, (max(space - length, 0), index))
     return bins
 
 

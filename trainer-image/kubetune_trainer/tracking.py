@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any
 
 from .config import MlflowConfig, TrainerConfig
-from .errors import Preempted
+from .errors import Preempted, PreemptionSignal
 from .progress import ProgressState
 
 log = logging.getLogger("kubetune.trainer")
@@ -446,7 +446,7 @@ class Tracker:
         self.close_tensorboard()
         if kind is None or self.mlflow is None:
             return
-        status = "KILLED" if isinstance(error, Preempted) else "FAILED"
+        status = "KILLED" if isinstance(error, Preempted | PreemptionSignal) else "FAILED"
         self.mlflow.finish(status, {}, {}, self.state.step, ABORT_TIMEOUT_SECONDS)
 
 
