@@ -166,12 +166,14 @@ def trainer_config(
             region=output.region,
             retry_timeout_seconds=output.retryTimeoutSeconds,
             merge_adapter=output.mergeAdapter,
+            overwrite=output.overwrite,
         )
     else:
         out = OutputConfig(uri=output_uri or local_output_uri(job.metadata.name))
     return TrainerConfig(
         job_name=job.metadata.name,
         job_namespace=job.metadata.namespace,
+        job_uid=getattr(job.metadata, "uid", None),  # kept as an extra field of metadata
         model=_model(spec),
         dataset=_dataset(spec),
         method=_method(spec),

@@ -132,6 +132,9 @@ class OutputConfig(_Strict):
         description="Keep retrying transiently failing storage calls this long (then exit 20)",
     )
     merge_adapter: bool = False
+    overwrite: bool = Field(
+        default=False, description="Replace an artifact at uri that other settings produced"
+    )
 
 
 class ReportingConfig(_Strict):
@@ -203,6 +206,9 @@ def global_batch_size(training: TrainingConfig, world_size: int) -> int:
 class TrainerConfig(_Strict):
     job_name: str = "local"
     job_namespace: str | None = None
+    job_uid: str | None = Field(
+        default=None, description="The FineTuneJob's metadata.uid (None: a local run)"
+    )
     model: ModelConfig
     dataset: DatasetConfig
     method: MethodConfig = MethodConfig()

@@ -43,12 +43,14 @@ TERMINATION_MESSAGE_ENV = "KUBETUNE_TERMINATION_MESSAGE_PATH"
 
 
 # Phases (ProgressState.phase) that SIGTERM ends at once, and how the message names them.
-# While training, the loop stops at the next step end with a checkpoint; once the run is
-# done or failed, its result is being written and SIGTERM changes nothing.
+# While training, the loop stops at the next step end with a checkpoint (and a SIGTERM
+# during the last step lets the run publish, as training is complete); once training is
+# over ("saving") the run publishes its artifact and succeeds: stopping there would throw
+# the whole training away, or retrain it, for the few seconds an upload takes. Once the
+# run is done or failed, its result is being written and SIGTERM changes nothing.
 _STAGES_STOPPED_AT_ONCE = {
     "starting": "starting, before training started",
     "preparing": "preparing the model and data, before training started",
-    "saving": "saving the artifact, after training",
 }
 
 
@@ -168,7 +170,10 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
     lines = [
         f"✓ fine-tuned in {seconds:.0f}s ({int(metrics.get('steps', 0))} steps"
         + (f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else "")
-        + ")",
+        + ")"
+        if not outcome.reused
+        else f"✓ already fine-tuned with these settings ({int(metrics.get('steps', 0))} steps): "
+        f"the published {outcome.kind} is the result, nothing was trained again",
     ]
     if state is not None:
         lines.append(
@@ -195,6 +200,7 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
             f"{stats.get('truncated_examples', 0)} truncated, "
             f"{stats.get('train_sequences', 0)} sequences)"
         )
+    lines += [f"  warning      {warning}" for warning in (state.warnings if state else [])]
     if "first_train_loss" in metrics:
         first = metrics["first_train_loss"]
         last = metrics.get("train_loss_smoothed", metrics["train_loss"])
@@ -215,7 +221,7 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
             lines.append(f"  eval loss    {final:.4f} (perplexity {metrics['perplexity']:.2f})")
     if "tokens_per_second" in metrics:
         lines.append(f"  throughput   {metrics['tokens_per_second']:.0f} non-pad tokens/s")
-    lines.append(f"  adapter      {outcome.artifact.uri}")
+    lines.append(f"  {outcome.kind:<13}{outcome.artifact.uri}")  # adapter, or model (full)
     lines.append(f"  digest       {outcome.artifact.digest}")
     print("\n".join(lines))
 

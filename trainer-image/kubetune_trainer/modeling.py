@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import MethodConfig, ModelConfig, QuantizationConfig
-from .errors import ModelInvalid, Unsupported
+from .errors import ConfigInvalid, ModelInvalid, Unsupported
 from .storage import S3Settings, fetch_to_local
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -26,9 +26,18 @@ def resolve_model_dir(
     source = model.source
     if source.startswith("hf://"):
         return _from_hub(model, cache_dir)
-    local = fetch_to_local(
-        source, cache_dir / "model", endpoint_url=endpoint_url, settings=settings
-    )
+    try:
+        local = fetch_to_local(
+            source, cache_dir / "model", endpoint_url=endpoint_url, settings=settings
+        )
+    except ConfigInvalid as missing:  # nothing at that path or prefix: the model is missing
+        if "does not exist" not in missing.message or "bucket" in missing.message:
+            raise  # a malformed URI or a missing bucket: the configuration's fault
+        raise ModelInvalid(
+            f"spec.model.source: {missing.message}",
+            hint="point spec.model.source at a directory written by save_pretrained "
+            "(in a pod, on a mounted volume), or at s3://bucket/prefix holding one",
+        ) from None
     if not (local / "config.json").is_file():
         raise ModelInvalid(
             f"model source {source} has no config.json",

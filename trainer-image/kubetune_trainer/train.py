@@ -33,12 +33,31 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, fastpaths, tracking
-from .artifact import PublishedArtifact, publish, write_manifest
-from .checkpoints import RemoteCheckpoint, download_checkpoint, newest_complete, upload_checkpoint
+from .artifact import (
+    MERGED,
+    ExistingArtifact,
+    PublishedArtifact,
+    artifact_folder,
+    check_existing,
+    existing_artifact,
+    present_files,
+    publish,
+    read_manifest,
+    write_manifest,
+)
+from .checkpoints import (
+    RemoteCheckpoint,
+    Resumable,
+    delete_checkpoint,
+    download_checkpoint,
+    find_resumable,
+    upload_checkpoint,
+)
 from .config import ResolvedStrategy, TrainerConfig, global_batch_size
 from .distributed import World
-from .errors import Preempted, Unsupported
+from .errors import ConfigInvalid, Preempted, Unsupported
 from .fastpaths import FastPaths
+from .fingerprint import RunIdentity
 from .lossplot import ema, write_loss_plot
 from .progress import ProgressState, process_start_time
 from .storage import S3Settings, Store, fetch_to_local, open_store
@@ -57,6 +76,8 @@ class RunResult:
     resumed_from_step: int | None = None
     local_artifact_dir: Path | None = None
     tracking: dict[str, str] = field(default_factory=dict)  # tracking.Tracker.status()
+    kind: str = "adapter"  # artifact.artifact_folder: "adapter", or "model" for method full
+    reused: bool = False  # the artifact was already published by a run with these settings
 
     def as_termination_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -108,6 +129,7 @@ def _callbacks(
     world: World,
     layout: dict[str, Any],
     clock: StartupClock | None = None,
+    run_record: dict[str, Any] | None = None,
 ) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -189,7 +211,7 @@ def _callbacks(
             if world.is_main:
                 local = Path(args.output_dir) / f"checkpoint-{tstate.global_step}"
                 (local / LAYOUT_FILE).write_text(json.dumps(layout), encoding="utf-8")
-                remote = upload_checkpoint(local, store, tstate.global_step)
+                remote = upload_checkpoint(local, store, tstate.global_step, run_record)
             remote = distributed.broadcast_from_main(remote)
             if remote is not None:
                 state.last_checkpoint_step = remote.step
@@ -422,7 +444,9 @@ def _run(
     )
     cache = work_dir / "cache"
 
-    # Fetch model and data.
+    # Fetch the data, then decide about an existing artifact (before the model is
+    # fetched or loaded: a refused or already-published run costs no GPU time), then
+    # fetch the model.
     state.phase = "preparing"
     precision = resolve_precision(config.training.precision)
     quant = config.method.effective_quantization
@@ -433,11 +457,6 @@ def _run(
     )
     state.fast_paths = fast.names()
     clock.lap("startup")  # process start → here: imports, config, tracking
-    model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint, settings=s3)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    clock.lap("model_fetch")
 
     fetched: dict[str, str] = {}  # local path → the source URI the user wrote
 
@@ -456,12 +475,39 @@ def _run(
         seed=config.training.seed,
     )
     clock.lap("data_preparation")
+    identity = RunIdentity.of(config, prepared.stats["sources"], config.job_uid)
+    artifact_key = artifact_folder(config.method.type)
+    existing = distributed.broadcast_from_main(
+        _existing_artifact(store, artifact_key, identity, config) if world.is_main else None
+    )
+    if isinstance(existing, ConfigInvalid):
+        raise existing
+    if existing.note:
+        log.warning("%s", existing.note)
+        state.message = existing.note
+    if existing.action == "reuse" and existing.manifest is not None:
+        return _reused_result(store, artifact_key, existing.manifest, state)
+
+    model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint, settings=s3)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    clock.lap("model_fetch")
     train_rows, train_stats = data_stage.tokenize_examples(
         prepared.train, tokenizer, config.dataset.max_seq_length
     )
-    eval_rows, _ = data_stage.tokenize_examples(
+    eval_rows, eval_stats = data_stage.tokenize_examples(
         prepared.validation, tokenizer, config.dataset.max_seq_length, allow_empty=True
     )
+    length = config.dataset.max_seq_length
+    state.warnings = [  # what was dropped or cut on the way: the log, /progress, the summary
+        *prepared.warnings,
+        *data_stage.tokenize_warnings(train_stats, "training", length),
+        *data_stage.tokenize_warnings(eval_stats, "validation", length),
+    ]
+    for warning in state.warnings:
+        log.warning("data: %s", warning)
+    state.message = "; ".join(state.warnings)
     t = config.training
     examples = len(train_rows)
     rows_per_step = 1
@@ -486,7 +532,12 @@ def _run(
         state.examples_per_step = float(state.global_batch_size)
     state.rows_per_device_step = rows_per_step if config.dataset.packing else t.batch_size
     collator = packing.CountingCollator(eval_collator)  # counts training tokens only
-    stats = {**prepared.stats, **train_stats, "train_sequences": len(train_rows)}
+    stats = {
+        **prepared.stats,
+        **train_stats,
+        "train_sequences": len(train_rows),
+        "warnings": list(state.warnings),  # the manifest keeps them
+    }
     clock.lap("tokenization")  # tokenize, mask prompts, pack
 
     # Build the model.
@@ -502,15 +553,20 @@ def _run(
     if fast.names():
         log.info("GPU fast paths: %s", ", ".join(fast.names()))
 
-    # Train, resuming from the newest complete checkpoint in the output store (the one
-    # rank 0 sees, so that all ranks resume from the same step).
+    # Train, resuming from the newest complete checkpoint of this run in the output store
+    # (the one rank 0 sees, so that all ranks resume from the same step). Checkpoints of
+    # other runs are removed first, so that ours never mix with them.
     output_dir = work_dir / "trainer"
     stopped = threading.Event()  # set when all ranks agreed to stop on a SIGTERM
-    resume = distributed.broadcast_from_main(newest_complete(store) if world.is_main else None)
+    found = distributed.broadcast_from_main(
+        _resumable(store, identity, state) if world.is_main else None
+    )
+    resume = found.checkpoint
     resume_path = download_checkpoint(store, resume, output_dir) if resume else None
     if resume is not None and resume_path is not None:
         check_resume_layout(resume, _read_layout(resume_path), layout)
         state.last_checkpoint_step, state.last_checkpoint_uri = resume.step, resume.uri
+    finished = resume_path is not None and _training_finished(resume_path)
     tracker.start(config, layout, resume_path)
     trainer = _trainer_class()(
         eval_collator=eval_collator,
@@ -543,12 +599,19 @@ def _run(
                 world,
                 layout,
                 clock,
+                identity.record(),
             ),
         ],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and summary replace it
-    trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
-    if stopped.is_set():
+    if finished and resume is not None and resume_path is not None and strategy != "fsdp":
+        # The checkpoint is the end of training (killed or stopped after the last step,
+        # before publishing): load it and publish. Trainer.train would run one more step.
+        trainer.restore_finished(resume_path)
+        log.warning("checkpoint %s is at the last step: publishing it", resume.uri)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+    if stopped.is_set() and trainer.state.global_step < trainer.state.max_steps:
         raise Preempted(
             f"stopped by SIGTERM at step {trainer.state.global_step}; "
             f"checkpoint {state.last_checkpoint_uri} saved",
@@ -580,6 +643,7 @@ def _run(
             resume,
             layout,
             state,
+            identity,
         )
     # The others wait for rank 0: a rank's early exit would not fail the attempt, but an
     # attempt whose rank 0 fails to publish must not look half successful.
@@ -594,7 +658,84 @@ def _run(
         resumed_from_step=resume.step if resume else None,
         local_artifact_dir=artifact_dir if world.is_main else None,
         tracking=dict(state.tracking),
+        kind=artifact_key,
     )
+
+
+def _existing_artifact(
+    store: Store, key: str, identity: RunIdentity, config: TrainerConfig
+) -> ExistingArtifact | ConfigInvalid:
+    """check_existing on what the store holds (rank 0); a refusal is returned, not
+    raised, so that it reaches every rank."""
+    manifest = read_manifest(store, key)
+    present = present_files(store, key) if manifest is not None else set()
+    try:
+        return check_existing(
+            manifest,
+            present,
+            identity,
+            uri=store.uri_for(key),
+            overwrite=config.output.overwrite,
+            merge=config.output.merge_adapter and config.method.type != "full",
+        )
+    except ConfigInvalid as refused:
+        return refused
+
+
+def _reused_result(
+    store: Store, key: str, manifest: dict[str, Any], state: ProgressState
+) -> RunResult:
+    """The result of a run whose artifact is already published (same fingerprint)."""
+    metrics = {k: float(v) for k, v in manifest.get("metrics", {}).items()}
+    stats = manifest.get("stats", {})
+    state.phase = "done"
+    state.step = state.total_steps = int(metrics.get("steps", 0))
+    return RunResult(
+        artifact=existing_artifact(store, key, manifest),
+        metrics=metrics,
+        stats={k: v for k, v in stats.items() if isinstance(v, int | float)},
+        resumed_from_step=manifest.get("resumed_from_step"),
+        kind=key,
+        reused=True,
+    )
+
+
+def _resumable(store: Store, identity: RunIdentity, state: ProgressState) -> Resumable:
+    """This run's newest complete checkpoint; other runs' complete checkpoints are
+    reported (log and progress message) and removed."""
+    found = find_resumable(store, identity.belongs_to)
+    notes: list[str] = []
+    if found.checkpoint is not None and not identity.same_result(found.run):
+        changed = ", ".join(identity.differences(found.run))
+        notes.append(
+            f"resuming checkpoint step-{found.checkpoint.step} at {found.checkpoint.uri}, "
+            f"written by this FineTuneJob before its spec was edited ({changed})"
+        )
+    if found.foreign:
+        newest, run = found.foreign[0]
+        changed = ", ".join(identity.differences(run))
+        then = f"resuming step-{found.checkpoint.step}" if found.checkpoint else "starting fresh"
+        notes.append(
+            f"checkpoint step-{newest.step} at {newest.uri} belongs to a run with other "
+            f"settings ({changed}); {then} and removing {len(found.foreign)} such checkpoint"
+            + ("s" if len(found.foreign) > 1 else "")
+        )
+        for checkpoint, _ in found.foreign:
+            delete_checkpoint(store, checkpoint)
+    for note in notes:
+        log.warning("%s", note)
+    if notes:
+        state.message = "; ".join(notes)
+    return found
+
+
+def _training_finished(checkpoint_dir: Path) -> bool:
+    """Whether a Trainer checkpoint was saved at the last step of its run."""
+    path = checkpoint_dir / "trainer_state.json"
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return int(saved.get("max_steps") or 0) > 0 and saved["global_step"] >= saved["max_steps"]
 
 
 def _publish(
@@ -609,9 +750,10 @@ def _publish(
     resume: RemoteCheckpoint | None,
     layout: dict[str, Any],
     state: ProgressState | None = None,
+    identity: RunIdentity | None = None,
 ) -> PublishedArtifact:
     _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
-    details = {
+    details: dict[str, Any] = {
         "base_model": {"source": config.model.source, "revision": config.model.revision},
         "datasets": [_with_uri(record, fetched) for record in source_stats.get("sources", [])],
         "method": config.method.model_dump(mode="json"),
@@ -621,6 +763,7 @@ def _publish(
         "stats": stats,
         "resumed_from_step": resume.step if resume else None,
         "distributed": layout,
+        "run": identity.record() if identity is not None else None,
     }
     if state is not None:
         details["examples_per_optimizer_step"] = state.examples_per_step
@@ -628,8 +771,7 @@ def _publish(
         details["time_to_first_step"] = dict(state.time_to_first_step)
         details["fast_paths"] = list(state.fast_paths)
     write_manifest(artifact_dir, details)
-    key = "model" if config.method.type == "full" else "adapter"
-    return publish(artifact_dir, store, key)
+    return publish(artifact_dir, store, artifact_folder(config.method.type))
 
 
 def _read_layout(checkpoint_dir: Path) -> dict[str, Any] | None:
@@ -682,6 +824,16 @@ def _trainer_class() -> Any:
         def __init__(self, *args: Any, eval_collator: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.eval_collator = eval_collator
+
+        def restore_finished(self, checkpoint: Path) -> None:
+            """Load a checkpoint saved at the last step (weights and state with its log
+            history) without training: what train(resume_from_checkpoint=...) restores,
+            minus the extra step it would take. Not for FSDP (its weights load only into
+            the wrapped model, which train() builds)."""
+            from transformers.trainer_callback import TrainerState
+
+            self.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+            self._load_from_checkpoint(str(checkpoint))
 
         def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
             counting, self.data_collator = self.data_collator, self.eval_collator
@@ -750,19 +902,21 @@ def _save_artifact(
     ensure_chat_template(tokenizer)  # inference formats prompts as training did
     tokenizer.save_pretrained(str(directory))
     if config.output.merge_adapter and config.method.type != "full":
-        _save_merged(directory, model_dir, directory / "merged")
+        _save_merged(directory, model_dir, directory / MERGED)
 
 
 def _save_merged(adapter_dir: Path, model_dir: Path, target: Path) -> None:
     """Merge the adapter into an unquantized copy of the base (works for qlora too)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.bfloat16 if _cuda() else torch.float32
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(target))
+    # A complete model: its tokenizer (with the chat template training used) beside it.
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(target))
 
 
 def _write_loss_plot(history: list[dict[str, Any]], path: Path, config: TrainerConfig) -> None:

@@ -180,6 +180,7 @@ class ValidationSplit(ApiModel):
             cel="!(has(self.percent) && has(self.sources))",
             message="set validation.percent or validation.sources, not both",
             holds=lambda m: m.percent is None or m.sources is None,
+            field_path=".percent",
         ),
     )
 
@@ -357,6 +358,7 @@ class TrainingSpec(ApiModel):
             cel="!(has(self.epochs) && has(self.maxSteps))",
             message="set epochs or maxSteps, not both",
             holds=lambda m: m.epochs is None or m.maxSteps is None,
+            field_path=".maxSteps",
         ),
         Rule(
             cel="!has(self.earlyStopping) || self.evalEverySteps > 0",
@@ -375,7 +377,10 @@ class OutputSpec(ApiModel):
         pattern=r"^(s3://[^/]+(/.*)?|file:///.*|/.*)$",
         description=(
             "s3://bucket/prefix for cluster jobs; file:///dir or /dir for local runs. "
-            "The adapter lands in <uri>/adapter, checkpoints in <uri>/checkpoints."
+            "The adapter lands in <uri>/adapter (a full fine-tune's model in <uri>/model), "
+            "checkpoints in <uri>/checkpoints. Checkpoints and artifact record the settings "
+            "that produced them: a run resumes only its own checkpoints and never "
+            "overwrites an artifact of other settings unless overwrite is true."
         ),
     )
     endpoint: str | None = Field(
@@ -407,6 +412,15 @@ class OutputSpec(ApiModel):
     mergeAdapter: bool = Field(
         default=False, description="Also write the base model with the adapter merged in."
     )
+    overwrite: bool = Field(
+        default=False,
+        description=(
+            "Replace an artifact already at uri that was trained with other settings "
+            "(model, data, method or training). When false such a job fails before "
+            "training (ConfigInvalid); an artifact of the same settings is reported as "
+            "the job's result without training again."
+        ),
+    )
 
     rules = (
         Rule(
@@ -416,6 +430,7 @@ class OutputSpec(ApiModel):
             holds=lambda m: (
                 m.uri.startswith("s3://") or (m.endpoint is None and m.credentialsSecretRef is None)
             ),
+            field_path=".uri",
         ),
     )
 
@@ -583,6 +598,7 @@ class MlflowTracking(ApiModel):
             cel="has(self.usernameSecretRef) == has(self.passwordSecretRef)",
             message="set usernameSecretRef and passwordSecretRef together",
             holds=lambda m: (m.usernameSecretRef is None) == (m.passwordSecretRef is None),
+            field_path=".passwordSecretRef",
         ),
         Rule(
             cel="!(has(self.tokenSecretRef) && has(self.usernameSecretRef))",
