@@ -151,11 +151,13 @@ def trainer_config(
     *,
     output_uri: str | None = None,
     reporting: ReportingConfig | None = None,
+    job_uid: str | None = None,
 ) -> TrainerConfig:
     """The trainer configuration for ``job``.
 
     ``output_uri`` is used when the spec names no output (local runs); the spec's own
-    output always wins.
+    output always wins. ``job_uid`` is the FineTuneJob's metadata.uid on a cluster: the
+    trainer resumes the checkpoints of the same job object after a spec edit.
     """
     spec = job.spec
     output = spec.output
@@ -173,7 +175,7 @@ def trainer_config(
     return TrainerConfig(
         job_name=job.metadata.name,
         job_namespace=job.metadata.namespace,
-        job_uid=getattr(job.metadata, "uid", None),  # kept as an extra field of metadata
+        job_uid=job_uid,
         model=_model(spec),
         dataset=_dataset(spec),
         method=_method(spec),

@@ -185,10 +185,11 @@ def command(job: FineTuneJob) -> list[str]:
     return ["torchrun", "--module", "kubetune_trainer"]
 
 
-def _pod_spec(job: FineTuneJob, attempt: int, image: str) -> dict[str, Any]:
+def _pod_spec(job: FineTuneJob, attempt: int, image: str, uid: str) -> dict[str, Any]:
     config = trainer_config(
         job,
         reporting=ReportingConfig(progress_port=PROGRESS_PORT, progress_bar=False, loss_plot=True),
+        job_uid=uid,
     )
     res = job.spec.resources
     env = _env(job, config.model_dump_json(exclude_defaults=False))
@@ -278,7 +279,10 @@ def attempt_job(
         "backoffLimit": 0,  # one Job is one attempt; the operator decides on retries
         "podReplacementPolicy": "Failed",
         "suspend": QUEUE_LABEL in queue,
-        "template": {"metadata": {"labels": pod_labels}, "spec": _pod_spec(job, attempt, image)},
+        "template": {
+            "metadata": {"labels": pod_labels},
+            "spec": _pod_spec(job, attempt, image, uid),
+        },
     }
     if deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = max(1, deadline_seconds)
