@@ -95,6 +95,7 @@ from harness import ADMIN_USER, OPERATOR_USER, EmulatorServer  # noqa: E402
 from harness import emulator as emulator_module  # noqa: E402
 from harness.emulator import Emulator, _Watch  # noqa: E402
 from harness.jobs import JOB_CONTROLLER_USER, is_true, pod_for, set_condition  # noqa: E402
+from harness.operator_process import OperatorProcess  # noqa: E402
 from harness.selectors import parse_field_selector, parse_label_selector  # noqa: E402
 
 from kubetune_trainer.progress import ProgressServer, ProgressState  # noqa: E402
@@ -214,7 +215,7 @@ class BenchEmulator(Emulator):
     * kmock (0.8) keeps every request for test assertions and, to pick the reaction for
       a new request, tests ``request in reaction`` by iterating *all* requests recorded
       so far through the reaction's filters: quadratic. Here a request is forgotten once
-      it is answered;
+      it is answered (the harness emulator's ``forget_answered``);
     * every LIST walks kmock's whole store (all kinds) and sorts all objects of the kind
       before applying the selectors. Here the live objects are indexed per kind, and a
       ``key=value`` label selector (the operator's LISTs of a job's Jobs and pods) is tried with a
@@ -233,13 +234,6 @@ class BenchEmulator(Emulator):
         if raw_request.headers.get("Authorization") == f"Bearer {OPERATOR_USER}":
             self.responses[f"{raw_request.method} {response.status}"] += 1
         return response
-
-    async def _handle(self, request: kmock.Request) -> Any:
-        try:
-            return await super()._handle(request)
-        finally:
-            raw = request._raw_request
-            self._requests[:] = [r for r in self._requests if r._raw_request is not raw]
 
     def _commit(self, key: Any, type_: str, obj: dict[str, Any], old: Any) -> dict[str, Any]:
         stored = super()._commit(key, type_, obj, old)
@@ -277,7 +271,7 @@ def bench_emulator(harness: bool) -> Emulator:
     original = emulator_module.Emulator
     setattr(emulator_module, "Emulator", BenchEmulator)  # noqa: B010
     try:  # make_emulator() constructs whatever emulator_module.Emulator is
-        return emulator_module.make_emulator()
+        return emulator_module.make_emulator(forget_answered=True)
     finally:
         setattr(emulator_module, "Emulator", original)  # noqa: B010
 
@@ -489,50 +483,27 @@ class CpuClock:
 
 @contextmanager
 def operator_process(
-    kubeconfig: Path, log_path: Path, args: argparse.Namespace, progress_port: int
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    health_port = free_port()
-    command = [
-        *(shlex.split(args.operator_cmd) if args.operator_cmd else [str(KUBETUNE)]),
-        "operator",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--image",
-        "ghcr.io/kubetune/trainer:bench",
-        "--metrics-port",
-        str(free_port()),
-        "--health-port",
-        str(health_port),
-        "--progress-interval",
-        str(args.progress_interval),
-        "--resync-interval",
-        str(args.resync_interval),
-        "--trainer-progress-port",
-        str(progress_port),
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        yield proc, health_port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def healthy(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/healthz")
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
+    kubeconfig: Path, log_dir: Path, args: argparse.Namespace, progress_port: int
+) -> Iterator[OperatorProcess]:
+    """``kubetune operator`` (or ``--operator-cmd``) as a process of its own (the harness's)."""
+    operator = OperatorProcess(
+        kubeconfig,
+        log_dir,
+        command=shlex.split(args.operator_cmd) if args.operator_cmd else None,
+        args=[
+            "--image",
+            "ghcr.io/kubetune/trainer:bench",
+            "--progress-interval",
+            str(args.progress_interval),
+            "--resync-interval",
+            str(args.resync_interval),
+            "--trainer-progress-port",
+            str(progress_port),
+        ],
+    )
+    with operator:
+        operator.start()
+        yield operator
 
 
 def apply_jobs(url: str, names: list[str], threads: int, rate: float = 0.0) -> dict[str, Any]:
@@ -758,10 +729,11 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             states.append(state)
 
         kubeconfig = server.write_kubeconfig(workdir / f"kubeconfig-{n}", user=OPERATOR_USER)
-        log_path = workdir / f"operator-{n}.log"
-        proc, health_port = stack.enter_context(
-            operator_process(kubeconfig, log_path, args, progress_port)
+        proc = stack.enter_context(
+            operator_process(kubeconfig, workdir / f"operator-{n}", args, progress_port)
         )
+        log_path = proc.log_path
+        assert proc.pid is not None
         operator = psutil.Process(proc.pid)
         sampler = Sampler(operator, args.sample_interval)
         sampler.start()
@@ -772,14 +744,14 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         t_launch = time.monotonic()
 
         def alive() -> bool:
-            if proc.poll() is not None:
+            if not proc.alive:
                 raise RuntimeError(f"the operator exited: {log_tail(log_path)}")
             return True
 
         def ready() -> bool:
             # the recorder's three, and the operator's: FineTuneJobs, Jobs and pods
             watches = len(RECORDED) + 3
-            return alive() and healthy(health_port) and server.emulator.watch_count >= watches
+            return alive() and proc.healthy() and server.emulator.watch_count >= watches
 
         if not wait_until(ready, 60, 0.05):
             raise RuntimeError(f"the operator did not become ready: {log_tail(log_path)}")

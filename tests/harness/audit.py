@@ -16,7 +16,7 @@ A Helm chart's RBAC rules can then be checked against what a client really did::
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 ANONYMOUS = "system:anonymous"
@@ -85,10 +85,28 @@ class AuditLog:
     def __init__(self) -> None:
         self._entries: list[AuditEntry] = []
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[AuditEntry], None]] = []
 
     def record(self, entry: AuditEntry) -> None:
         with self._lock:
             self._entries.append(entry)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener(entry)
+
+    def listen(self, listener: Callable[[AuditEntry], None]) -> Callable[[], None]:
+        """Call ``listener(entry)`` for each request as it arrives, before the emulator
+        handles it (in the emulator's thread: keep it short). A fault test can, say,
+        SIGKILL a client at its n-th create. Returns a function that stops the calls."""
+        with self._lock:
+            self._listeners.append(listener)
+
+        def stop() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return stop
 
     def clear(self) -> None:
         with self._lock:

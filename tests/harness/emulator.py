@@ -183,6 +183,9 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator with the API server semantics kopf and clients rely on."""
 
     bookmark_interval: float = 5.0
+    # kmock keeps every request for assertions and matches each new one against all of
+    # them (quadratic): long runs (chaos loops, benchmarks) forget a request once answered.
+    forget_answered: bool = False
     audit: AuditLog = attrs.field(factory=AuditLog)
     pod_log_source: Callable[[str, str], str | None] | None = None
     _revision: int = attrs.field(default=0, init=False)
@@ -213,8 +216,13 @@ class Emulator(kmock.KubernetesEmulator):
             self._requests[self._requests.index(request)] = request = routed
         if request.resource is not None and request.resource.plural is not None:
             self.audit.record(self._audit_entry(request))
-        # Skip KubernetesEmulator._handle(): it mutates its store before any reaction.
-        return await super(kmock.KubernetesEmulator, self)._handle(request)
+        try:
+            # Skip KubernetesEmulator._handle(): it mutates its store before any reaction.
+            return await super(kmock.KubernetesEmulator, self)._handle(request)
+        finally:
+            if self.forget_answered:
+                raw = request._raw_request
+                self._requests[:] = [r for r in self._requests if r._raw_request is not raw]
 
     def _route(self, request: kmock.Request) -> kmock.Request:
         """Re-parse a resource URL into the request's resource, namespace, name, action."""
@@ -494,6 +502,12 @@ class Emulator(kmock.KubernetesEmulator):
         self._closing = True
         for watch in list(self._watches):
             watch.queue.put_nowait(None)
+
+    def reopen(self) -> None:
+        """Serve watches again after :meth:`close_watches` (a restarted server): objects
+        and their change history are kept, so a watch resumes from its resourceVersion."""
+        self._closing = False
+        self._watches.clear()
 
     # -- update -----------------------------------------------------------------------
 

@@ -51,11 +51,15 @@ class EmulatorServer:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self.url = ""
+        self.port: int | None = None  # chosen at the first start, kept by restart()
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> Self:
         """Start the thread and wait until the server accepts connections."""
+        self._ready.clear()
+        self._failure = None
+        self.emulator.reopen()
         self._thread = threading.Thread(target=self._run, name="kube-emulator", daemon=True)
         self._thread.start()
         if not self._ready.wait(self._start_timeout):
@@ -71,6 +75,22 @@ class EmulatorServer:
         self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout)
         self._thread = None
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop the server and start it again on the same port after ``down_seconds``,
+        with every object and its history kept (as an API server restarted over the same
+        etcd): watches are cut, clients reconnect and resume from their resourceVersion."""
+        self.stop()
+        time.sleep(down_seconds)
+        deadline = time.monotonic() + self._start_timeout
+        while True:  # the port may take a moment to be free again
+            try:
+                self.start()
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -93,8 +113,12 @@ class EmulatorServer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        async with self.emulator, kmock.Server(self.emulator, host="127.0.0.1") as server:
+        async with (
+            self.emulator,
+            kmock.Server(self.emulator, host="127.0.0.1", port=self.port) as server,
+        ):
             self.url = str(server.url).rstrip("/")
+            self.port = server.url.port
             self._ready.set()
             await self._stopping.wait()
             self.emulator.close_watches()
