@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 from .api.crd import CRDS, crd_yaml
 from .api.sweep import KIND as SWEEP_KIND
 from .api.sweep import parse_sweep, spec_field, spec_value
-from .api.types import API_VERSION
-from .api.validation import InvalidManifest, parse_manifest
-from .manifests import ManifestFileError, read_documents
+from .api.types import API_VERSION, KIND
+from .api.validation import InvalidManifest, Problem, parse_manifest
+from .manifests import Document, ManifestFileError, read_documents, resolve_local_paths
 
 T = TypeVar("T")
 
@@ -40,6 +40,17 @@ T = TypeVar("T")
 def _cmd_crd(args: argparse.Namespace) -> int:
     sys.stdout.write(crd_yaml(args.kind))
     return 0
+
+
+# What ``kubetune validate`` checks, by kind.
+_PARSERS: dict[str, Callable[[Any], Any]] = {KIND: parse_manifest, SWEEP_KIND: parse_sweep}
+
+
+def _print_problems(source: str, problems: list[Problem]) -> None:
+    count = len(problems)
+    print(f"✗ {source}: {count} problem{'s' * (count != 1)}", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -54,17 +65,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         for document in documents:
             body = document.body
             kind = body.get("kind") if isinstance(body, dict) else None
+            parse = _PARSERS.get(kind) if isinstance(kind, str) else None
             try:
-                if kind == SWEEP_KIND:
-                    name = parse_sweep(body).metadata.name
-                else:
-                    name = parse_manifest(body).metadata.name
+                if parse is None and isinstance(body, dict):
+                    raise InvalidManifest(
+                        [
+                            Problem(
+                                "kind",
+                                f"must be {' or '.join(_PARSERS)} (got {kind!r})",
+                                "kubetune validate checks kubetune.io/v1alpha1 manifests; "
+                                "check other kinds with kubectl apply --dry-run=server",
+                            )
+                        ]
+                    )
+                name = (parse or parse_manifest)(body).metadata.name
             except InvalidManifest as invalid:
                 failures += 1
-                count = len(invalid.problems)
-                print(f"✗ {document.source}: {count} problem{'s' * (count != 1)}", file=sys.stderr)
-                for problem in invalid.problems:
-                    print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
+                _print_problems(document.source, invalid.problems)
             else:
                 print(f"✓ {document.source}: {kind} {name!r} is valid")
     return 1 if failures else 0
@@ -92,16 +109,17 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_one(filename: str, kind: str, parse: Callable[[Any], T]) -> tuple[T, Any] | None:
-    """The one document of ``filename`` parsed as ``kind`` and its raw body; None after
+def _read_one(filename: str, kind: str, parse: Callable[[Any], T]) -> tuple[T, Document] | None:
+    """The one document of ``filename`` parsed as ``kind``, and the document; None after
     printing what is wrong (the field and the fix)."""
     try:
         documents = read_documents(filename)
         if len(documents) != 1:
             raise ManifestFileError(
-                f"{filename}: expected one {kind}, found {len(documents)} documents"
+                f"{filename}: expected one {kind}, found {len(documents)} documents; "
+                "put each in its own file"
             )
-        return parse(documents[0].body), documents[0].body
+        return parse(documents[0].body), documents[0]
     except ManifestFileError as error:
         print(f"✗ {error}", file=sys.stderr)
     except InvalidManifest as invalid:
@@ -109,6 +127,18 @@ def _read_one(filename: str, kind: str, parse: Callable[[Any], T]) -> tuple[T, A
         for problem in invalid.problems:
             print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
     return None
+
+
+def _with_local_paths(
+    filename: str, spec: dict[str, Any], directory: Path, at: str
+) -> dict[str, Any] | None:
+    """``spec`` with its relative local paths resolved against the manifest's directory;
+    None after printing each path that is not there (and where it was looked for)."""
+    resolved, problems = resolve_local_paths(spec, directory, at)
+    if problems:
+        _print_problems(filename, problems)
+        return None
+    return resolved
 
 
 def _runs_here(filename: str, field: str, nodes: int, hint: str) -> bool:
@@ -130,7 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     read = _read_one(args.filename, "FineTuneJob", parse_manifest)
     if read is None:
         return 2
-    job, _ = read
+    job, document = read
     if not _runs_here(
         args.filename,
         "spec.resources.nodes",
@@ -139,6 +169,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "with gpus: 0, or gpus: N), or apply the job to a cluster",
     ):
         return 2
+    spec = _with_local_paths(args.filename, document.body["spec"], document.directory, "spec")
+    if spec is None:
+        return 2
+    job = parse_manifest({**document.body, "spec": spec})
     output = str(Path(args.output).resolve()) if args.output else None
     return launch_local(trainer_config(job, output_uri=output), job.spec.world_size)
 
@@ -151,7 +185,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     read = _read_one(args.filename, "FineTuneSweep", parse_sweep)
     if read is None:
         return 2
-    sweep, raw = read
+    sweep, document = read
     if not _runs_here(
         args.filename,
         "spec.template.resources.nodes",
@@ -159,7 +193,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         "set it to 1, or apply the sweep to a cluster",
     ):
         return 2
-    spec = copy.deepcopy(raw["spec"])
+    spec = copy.deepcopy(document.body["spec"])
+    template = _with_local_paths(
+        args.filename, spec["template"], document.directory, "spec.template"
+    )
+    if template is None:
+        return 2
+    spec["template"] = template
     spec["parallelTrials"] = 1  # one trial after another
     if args.output:
         spec["template"]["output"] = {

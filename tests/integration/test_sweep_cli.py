@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+
+from kubetune_operator import kubeyaml
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def test_kubetune_sweep_runs_trials_and_names_the_best(
         },
     }
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path.write_text(kubeyaml.dump(manifest))
     out = tmp_path / "out"
     assert main(["sweep", "-f", str(path), "-o", str(out)]) == 0
     printed = capsys.readouterr().out

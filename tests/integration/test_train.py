@@ -262,8 +262,7 @@ def test_model_and_data_from_s3(
 def test_kubetune_train_runs_a_manifest_locally(
     tiny_model: Path, tiny_dataset: Path, tmp_path: Path, capsys
 ) -> None:
-    import yaml
-
+    from kubetune_operator import kubeyaml
     from kubetune_operator.cli import main
 
     manifest = {
@@ -277,7 +276,7 @@ def test_kubetune_train_runs_a_manifest_locally(
         },
     }
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(manifest))
+    path.write_text(kubeyaml.dump(manifest))
     assert main(["train", "-f", str(path), "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert f"file://{tmp_path / 'out' / 'adapter'}" in out

@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune_operator import kubeyaml
 from kubetune_operator.api.crd import crd, crd_yaml, openapi_schema, sweep_openapi_schema
 from kubetune_operator.api.validation import parse_manifest, validate_manifest
 
@@ -81,7 +82,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_examples_validate_against_models_and_crd_schema(example: Path) -> None:
-    document = yaml.safe_load(example.read_text())
+    (document,) = kubeyaml.load_all(example.read_text())  # as kubectl reads it
     assert validate_manifest(document) == []
     jsonschema.validate(document, openapi_schema())
     assert _broken_cel_rules(document["spec"], openapi_schema()["properties"]["spec"]) == []

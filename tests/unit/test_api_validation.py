@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kubetune_operator import kubeyaml
 from kubetune_operator.api.validation import parse_manifest, validate_manifest
 from kubetune_operator.cli import main
 
@@ -65,9 +66,9 @@ def test_unknown_field_suggests_the_closest_name() -> None:
     assert problems[0].hint == "did you mean 'learningRate'?"
 
 
-def test_broken_cross_field_rule() -> None:
+def test_broken_cross_field_rule_names_the_field_to_change() -> None:
     assert _messages(_job(training={"epochs": 2, "maxSteps": 100})) == [
-        "spec.training: set epochs or maxSteps, not both"
+        "spec.training.maxSteps: set epochs or maxSteps, not both"
     ]
 
 
@@ -110,10 +111,8 @@ def test_bad_name() -> None:
 def test_cli_validate_reports_problems_and_exit_code(tmp_path: Path, capsys) -> None:
     good = tmp_path / "good.yaml"
     bad = tmp_path / "bad.yaml"
-    import yaml
-
-    good.write_text(yaml.safe_dump(_job()))
-    bad.write_text(yaml.safe_dump(_job(method={"type": "lora", "lora": {"r": 0}})))
+    good.write_text(kubeyaml.dump(_job()))
+    bad.write_text(kubeyaml.dump(_job(method={"type": "lora", "lora": {"r": 0}})))
     assert main(["validate", "-f", str(good)]) == 0
     assert "is valid" in capsys.readouterr().out
     assert main(["validate", "-f", str(good), "-f", str(bad)]) == 1

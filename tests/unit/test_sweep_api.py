@@ -9,9 +9,9 @@ from typing import Any
 
 import jsonschema
 import pytest
-import yaml
 from test_api_crd import _broken_cel_rules
 
+from kubetune_operator import kubeyaml
 from kubetune_operator.api.crd import sweep_crd, sweep_openapi_schema
 from kubetune_operator.api.sweep import (
     MAX_NAME_LENGTH,
@@ -64,7 +64,7 @@ def _problems(spec: dict[str, Any], name: str = "sweep") -> list[str]:
 
 @pytest.mark.parametrize("example", SWEEP_EXAMPLES, ids=lambda p: p.name)
 def test_sweep_examples_validate_against_models_and_crd_schema(example: Path) -> None:
-    document = yaml.safe_load(example.read_text())
+    (document,) = kubeyaml.load_all(example.read_text())  # as kubectl reads it
     parse_sweep(document)
     jsonschema.validate(document, sweep_openapi_schema())
     assert _broken_cel_rules(document["spec"], SPEC) == []
@@ -285,9 +285,9 @@ def test_apply_parameters_creates_missing_objects_and_keeps_the_rest() -> None:
 
 def test_kubetune_validate_checks_sweeps_by_kind(tmp_path: Path, capsys) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(_sweep(_spec())))
+    good.write_text(kubeyaml.dump(_sweep(_spec())))
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_sweep(_spec(parameters=[{**LR, "path": "training.lr"}]))))
+    bad.write_text(kubeyaml.dump(_sweep(_spec(parameters=[{**LR, "path": "training.lr"}]))))
     assert main(["validate", "-f", str(good)]) == 0
     assert "FineTuneSweep 'sweep' is valid" in capsys.readouterr().out
     assert main(["validate", "-f", str(bad)]) == 1

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class Rule:
     cel: str
     message: str
     holds: Callable[[Any], bool]
+    # The field to change when the rule is broken, relative to the model (".maxSteps"):
+    # the CRD's fieldPath, and the path kubetune validate reports.
     field_path: str | None = None
 
     def as_crd_validation(self) -> dict[str, str]:
@@ -54,7 +57,13 @@ class ApiModel(BaseModel):
 
     @model_validator(mode="after")
     def _check_rules(self) -> ApiModel:
-        broken = [rule.message for rule in self.rules if not rule.holds(self)]
+        broken = tuple(i for i, rule in enumerate(self.rules) if not rule.holds(self))
         if broken:
-            raise ValueError("; ".join(broken))
+            # One error for the model; api.validation reports each broken rule at its
+            # field_path (the field to change), from the indices in the context.
+            raise PydanticCustomError(
+                "cross_field_rule",
+                "{message}",
+                {"message": "; ".join(self.rules[i].message for i in broken), "broken": broken},
+            )
         return self

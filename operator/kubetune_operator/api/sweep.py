@@ -35,7 +35,7 @@ from .types import (
     ObjectMeta,
 )
 from .types import KIND as JOB_KIND
-from .validation import InvalidManifest, Problem, problems_of
+from .validation import InvalidManifest, Problem, parse_document, problems_of
 
 KIND = "FineTuneSweep"
 PLURAL = "finetunesweeps"
@@ -122,6 +122,7 @@ class SweepParameter(ApiModel):
             cel="self.type == 'categorical' || (has(self.low) && has(self.high))",
             message="logUniform, uniform and int spaces need low and high",
             holds=lambda m: m.type == "categorical" or (m.low is not None and m.high is not None),
+            field_path=".high",
         ),
         Rule(
             cel="self.type != 'categorical' || has(self.values)",
@@ -139,6 +140,7 @@ class SweepParameter(ApiModel):
             cel="self.type != 'categorical' || (!has(self.low) && !has(self.high))",
             message="low and high do not apply to type categorical",
             holds=lambda m: m.type != "categorical" or (m.low is None and m.high is None),
+            field_path=".low",
         ),
         Rule(
             cel="!has(self.step) || self.type == 'int'",
@@ -224,6 +226,7 @@ class Pruning(ApiModel):
             holds=lambda m: (
                 m.type == "median" or (m.startupTrials is None and m.warmupSteps is None)
             ),
+            field_path=".type",
         ),
         Rule(
             cel=(
@@ -235,6 +238,7 @@ class Pruning(ApiModel):
                 m.type == "successiveHalving"
                 or (m.minResource is None and m.reductionFactor is None)
             ),
+            field_path=".type",
         ),
     )
 
@@ -658,7 +662,7 @@ def _trial_problems(template: dict[str, Any], path: str, value: Any, at: str) ->
     """The template with ``path`` set to ``value`` must still be a valid FineTuneJob spec."""
     spec = apply_parameters(template, {path: value})
     try:
-        FineTuneJobSpec.model_validate(spec)
+        FineTuneJobSpec.model_validate(spec, strict=True)
     except ValidationError as error:
         found = problems_of(error, root=FineTuneJobSpec, prefix="spec")
     else:
@@ -718,21 +722,7 @@ def sweep_problems(spec: FineTuneSweepSpec) -> list[Problem]:
 def parse_sweep(document: Any) -> FineTuneSweep:
     """Parse a FineTuneSweep manifest (a dict) with defaults applied and its parameters
     checked against the FineTuneJob API, or raise InvalidManifest naming each field."""
-    if not isinstance(document, dict):
-        raise InvalidManifest([Problem("", "a manifest must be a YAML mapping")])
-    problems: list[Problem] = []
-    if document.get("apiVersion") != API_VERSION:
-        problems.append(
-            Problem("apiVersion", f"must be {API_VERSION} (got {document.get('apiVersion')!r})")
-        )
-    if document.get("kind") != KIND:
-        problems.append(Problem("kind", f"must be {KIND} (got {document.get('kind')!r})"))
-    if problems:
-        raise InvalidManifest(problems)
-    try:
-        sweep = FineTuneSweep.model_validate(document)
-    except ValidationError as error:
-        raise InvalidManifest(problems_of(error, root=FineTuneSweep)) from None
+    sweep = parse_document(document, FineTuneSweep, KIND)
     problems = sweep_problems(sweep.spec)
     if problems:
         raise InvalidManifest(problems)

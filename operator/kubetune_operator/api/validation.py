@@ -8,12 +8,19 @@ field's own documentation, or the closest known field name for a typo.
 from __future__ import annotations
 
 import difflib
+import json
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .types import API_VERSION, KIND, FineTuneJob
+from .renames import rename_hint
+from .rules import Rule
+from .types import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,53 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _problem(error: Any, root: type[BaseModel] = FineTuneJob, prefix: str = "") -> Problem:
-    loc: tuple[int | str, ...] = tuple(error["loc"])
+# pydantic's labels of a union's members in an error's location (``cpu.int``), not fields.
+_UNION_MEMBER = re.compile(
+    r"^(int|str|bool|float|none|list\[.*|dict\[.*|function-.*|constrained-.*)$"
+)
+
+
+def _quoted(value: Any) -> str:
+    return json.dumps(value if isinstance(value, str) else str(value))
+
+
+def _type_fix(kind: str, name: str, got: Any) -> str | None:
+    """How to fix a value of the wrong type that YAML's typing explains."""
+    field = name or "the value"
+    if kind == "string_type" and isinstance(got, bool):
+        return (
+            f"YAML reads unquoted true/false/yes/no/on/off/y/n as a boolean: quote the "
+            f'string, e.g. {field}: "{str(got).lower()}"'
+        )
+    if kind == "string_type" and isinstance(got, int | float):
+        return f"quote the number: {field}: {_quoted(got)}"
+    if kind == "int_type" and isinstance(got, str) and got.strip().lstrip("+-").isdigit():
+        return f"write the number without quotes: {field}: {int(got)}"
+    if kind == "int_type" and isinstance(got, float):
+        return "write a whole number"
+    if kind == "bool_type" and isinstance(got, str) and got.lower() in ("true", "false"):
+        return f"write true or false without quotes: {field}: {got.lower()}"
+    return None
+
+
+_EXPECTED = {
+    "int": "an integer",
+    "bool": "true or false",
+    "string": "a string",
+    "str": "a string",
+    "float": "a number",
+    "model": "an object",
+    "dict": "an object",
+    "list": "a list",
+}
+
+
+def _problems_of_error(
+    error: Any, root: type[BaseModel] = FineTuneJob, prefix: str = ""
+) -> list[Problem]:
+    loc: tuple[int | str, ...] = tuple(
+        part for part in error["loc"] if not (isinstance(part, str) and _UNION_MEMBER.match(part))
+    )
     path = _format_path(((prefix,) if prefix else ()) + loc)
     kind = error["type"]
     ctx = error.get("ctx", {})
@@ -95,17 +147,9 @@ def _problem(error: Any, root: type[BaseModel] = FineTuneJob, prefix: str = "") 
     hint = _describe(model, name)
 
     if kind == "missing":
-        return Problem(path, "required field is missing", hint)
+        return [Problem(path, "required field is missing", hint)]
     if kind == "extra_forbidden":
-        known = sorted(model.model_fields) if model is not None else []
-        close = difflib.get_close_matches(name, known, n=1)
-        suggestion = f"did you mean {close[0]!r}?" if close else None
-        fields = ", ".join(known)
-        return Problem(
-            path,
-            "unknown field",
-            suggestion or (f"known fields here: {fields}" if fields else None),
-        )
+        return [Problem(path, "unknown field", _unknown_field_hint(model, name, got, path))]
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {
             "greater_than_equal": "≥",
@@ -114,40 +158,69 @@ def _problem(error: Any, root: type[BaseModel] = FineTuneJob, prefix: str = "") 
             "less_than": "<",
         }[kind]
         bound = next(iter(ctx.values()))
-        return Problem(path, f"must be {op} {bound} (got {_show(got)})", hint)
+        return [Problem(path, f"must be {op} {bound} (got {_show(got)})", hint)]
     if kind == "literal_error":
-        return Problem(path, f"must be one of {ctx.get('expected')} (got {_show(got)})", hint)
+        return [Problem(path, f"must be one of {ctx.get('expected')} (got {_show(got)})", hint)]
     if kind in ("too_short", "string_too_short"):
-        return Problem(path, f"must not be empty (got {_show(got)})", hint)
+        return [Problem(path, f"must not be empty (got {_show(got)})", hint)]
+    if kind in ("too_long", "string_too_long"):
+        return [Problem(path, f"is too long (got {_show(got)})", hint)]
     if kind == "string_pattern_mismatch":
-        return Problem(path, f"has the wrong form (got {_show(got)})", hint)
+        return [Problem(path, f"has the wrong form (got {_show(got)})", hint)]
     if kind.endswith("_type") or kind.endswith("_parsing"):
-        expected = kind.split("_")[0]
-        if kind == "model_type" or kind == "dict_type":
-            expected = "an object"
-        elif kind == "list_type":
-            expected = "a list"
-        return Problem(path, f"must be {_article(expected)} (got {_show(got)})", hint)
+        expected = _EXPECTED.get(kind.split("_")[0], f"a {kind.split('_')[0]}")
+        return [
+            Problem(
+                path, f"must be {expected} (got {_show(got)})", _type_fix(kind, name, got) or hint
+            )
+        ]
+    if kind == "cross_field_rule":
+        # A broken cross-field rule names the field to change, as the API server does.
+        rules: tuple[Rule, ...] = getattr(_model_at((*loc, ""), root), "rules", ())
+        return [
+            Problem(path + (rules[i].field_path or ""), rules[i].message) for i in ctx["broken"]
+        ]
     message = str(error["msg"]).removeprefix("Value error, ")
-    # A broken cross-field rule names the field it is about, as the API server does.
-    rules = getattr(_model_at((*loc, ""), root), "rules", ()) if field_names else ()
-    broken = [r for r in rules if r.message == message and r.field_path]
-    if len(broken) == 1:
-        path += broken[0].field_path
-    return Problem(path, message, hint)
+    return [Problem(path, message, hint)]
 
 
-def _article(word: str) -> str:
-    if word.startswith(("an ", "a ")):
-        return word
-    names = {
-        "int": "an integer",
-        "bool": "true or false",
-        "string": "a string",
-        "float": "a number",
-        "str": "a string",
-    }
-    return names.get(word, f"a {word}")
+def _normal(name: str) -> str:
+    return name.replace("_", "").replace("-", "").lower()
+
+
+def _field_paths(model: type[BaseModel], prefix: str) -> Iterator[str]:
+    """Every field path of ``model`` (``training.learningRate``), nested models included."""
+    for field_name, info in model.model_fields.items():
+        path = f"{prefix}.{field_name}" if prefix else field_name
+        yield path
+        nested = _first_model(info.annotation)
+        if nested is not None:
+            yield from _field_paths(nested, path)
+
+
+def _unknown_field_hint(
+    model: type[BaseModel] | None, name: str, value: Any, path: str
+) -> str | None:
+    """Our name for a field spelled another way, another tool's name or a typo."""
+    known = sorted(model.model_fields) if model is not None else []
+    same = [field for field in known if _normal(field) == _normal(name)]
+    if same:
+        return f"did you mean {same[0]!r}?"
+    spec_path = "spec.template" if path.startswith("spec.template.") else "spec"
+    renamed = rename_hint(name, value, spec_path)
+    if renamed:
+        return renamed
+    elsewhere = [
+        p
+        for p in _field_paths(FineTuneJobSpec, "")
+        if _normal(p.rsplit(".", 1)[-1]) == _normal(name)
+    ]
+    if elsewhere and path.startswith("spec"):
+        return f"{name} is not a field here: it goes at {spec_path}.{elsewhere[0]}"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known fields here: {', '.join(known)}" if known else None
 
 
 def problems_of(
@@ -155,13 +228,23 @@ def problems_of(
 ) -> list[Problem]:
     """The problems of a failed validation of ``root`` (a model of this API), each path
     prefixed with ``prefix`` (e.g. "spec" when ``root`` is a spec model)."""
-    return [_problem(e, root, prefix) for e in error.errors()]
+    return [p for e in error.errors() for p in _problems_of_error(e, root, prefix)]
 
 
-def parse_manifest(document: Any) -> FineTuneJob:
-    """Parse a FineTuneJob manifest (a dict) with defaults applied, or raise InvalidManifest."""
+def parse_document(document: Any, model: type[M], kind: str) -> M:
+    """Parse a manifest of ``kind`` (a dict, as kubectl reads YAML) into ``model`` with
+    defaults applied, exactly as strictly as the CRD (no "16" for 16, no "true" for true),
+    or raise InvalidManifest listing every problem at once."""
     if not isinstance(document, dict):
-        raise InvalidManifest([Problem("", "a manifest must be a YAML mapping")])
+        got = "a list" if isinstance(document, list) else f"{_show(document)}"
+        raise InvalidManifest(
+            [
+                Problem(
+                    "(document)",
+                    f"must be a mapping with apiVersion, kind, metadata and spec (got {got})",
+                )
+            ]
+        )
     problems: list[Problem] = []
     if document.get("apiVersion") != API_VERSION:
         problems.append(
@@ -169,14 +252,22 @@ def parse_manifest(document: Any) -> FineTuneJob:
                 "apiVersion", f"must be {API_VERSION} (got {_show(document.get('apiVersion'))})"
             )
         )
-    if document.get("kind") != KIND:
-        problems.append(Problem("kind", f"must be {KIND} (got {_show(document.get('kind'))})"))
+    if document.get("kind") != kind:
+        problems.append(Problem("kind", f"must be {kind} (got {_show(document.get('kind'))})"))
+    try:
+        parsed = model.model_validate(
+            {**document, "apiVersion": API_VERSION, "kind": kind}, strict=True
+        )
+    except ValidationError as error:
+        problems += problems_of(error, root=model)
     if problems:
         raise InvalidManifest(problems)
-    try:
-        return FineTuneJob.model_validate(document)
-    except ValidationError as error:
-        raise InvalidManifest([_problem(e) for e in error.errors()]) from None
+    return parsed
+
+
+def parse_manifest(document: Any) -> FineTuneJob:
+    """Parse a FineTuneJob manifest (a dict) with defaults applied, or raise InvalidManifest."""
+    return parse_document(document, FineTuneJob, KIND)
 
 
 def validate_manifest(document: Any) -> list[Problem]:
