@@ -82,7 +82,7 @@ def json_number(value: int | float) -> int | float:
 
 
 def _number(loader: yaml.SafeLoader, node: ScalarNode) -> int | float | str:
-    text = node.value
+    text: str = node.value
     if text.lstrip("+-").lower() in (".inf", ".nan"):
         raise ConstructorError(
             None,
@@ -90,7 +90,7 @@ def _number(loader: yaml.SafeLoader, node: ScalarNode) -> int | float | str:
             f"{text} is not a number JSON can carry: write a finite number",
             node.start_mark,
         )
-    plain = text.replace("_", "")
+    plain: str = text.replace("_", "")
     integer = _go_int(plain)
     if integer is not None:
         return json_number(integer)

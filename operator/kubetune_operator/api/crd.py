@@ -90,7 +90,22 @@ def _model_schema(model: Any) -> Schema:
     return _structural(schema, defs)
 
 
-def _resource_schema(kind: str, doc: str | None, spec_model: Any, status_model: Any) -> Schema:
+def _name_rule(resource_model: Any) -> dict[str, str]:
+    """The model's metadata.name constraints as a CEL rule at the root (CEL may read
+    metadata.name there), so the API server refuses the names the operator would."""
+    name = resource_model.model_fields["metadata"].annotation.model_json_schema()
+    name = name["properties"]["name"]
+    return {
+        "rule": f"self.metadata.name.size() <= {name['maxLength']} && "
+        f"self.metadata.name.matches('{name['pattern']}')",
+        "message": f"metadata.name must be at most {name['maxLength']} lowercase letters, "
+        "digits and '-', starting and ending with a letter or digit",
+    }
+
+
+def _resource_schema(
+    kind: str, doc: str | None, resource_model: Any, spec_model: Any, status_model: Any
+) -> Schema:
     spec = _model_schema(spec_model)
     status = _model_schema(status_model)
     conditions = status["properties"]["conditions"]
@@ -107,12 +122,15 @@ def _resource_schema(kind: str, doc: str | None, spec_model: Any, status_model: 
             "spec": spec,
             "status": status,
         },
+        "x-kubernetes-validations": [_name_rule(resource_model)],
     }
 
 
 def openapi_schema() -> Schema:
     """The openAPIV3Schema of a FineTuneJob."""
-    return _resource_schema(KIND, FineTuneJob.__doc__, FineTuneJobSpec, FineTuneJobStatus)
+    return _resource_schema(
+        KIND, FineTuneJob.__doc__, FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
+    )
 
 
 def sweep_openapi_schema() -> Schema:
@@ -120,6 +138,7 @@ def sweep_openapi_schema() -> Schema:
     return _resource_schema(
         sweep_api.KIND,
         sweep_api.FineTuneSweep.__doc__,
+        sweep_api.FineTuneSweep,
         sweep_api.FineTuneSweepSpec,
         sweep_api.FineTuneSweepStatus,
     )

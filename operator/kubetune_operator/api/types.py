@@ -67,11 +67,13 @@ def _decimal(low: float, high: float | None, *, low_open: bool = False) -> Any:
     ]
 
 
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# The pattern is in the CRD too (it applies to strings only), as in Kubernetes' own
+# Quantity schema, so the API server rejects "lots" as kubetune validate does.
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": _QUANTITY.pattern}),
 ]
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
 def _check_quantity(value: int | str | None) -> int | str | None:
