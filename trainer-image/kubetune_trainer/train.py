@@ -562,6 +562,10 @@ def _run(
         _resumable(store, identity, state) if world.is_main else None
     )
     resume = found.checkpoint
+    # Settings edited since the checkpoint was written (same FineTuneJob): the manifest says so.
+    edited = (
+        identity.differences(found.run) if resume and not identity.same_result(found.run) else []
+    )
     resume_path = download_checkpoint(store, resume, output_dir) if resume else None
     if resume is not None and resume_path is not None:
         check_resume_layout(resume, _read_layout(resume_path), layout)
@@ -644,6 +648,7 @@ def _run(
             layout,
             state,
             identity,
+            edited,
         )
     # The others wait for rank 0: a rank's early exit would not fail the attempt, but an
     # attempt whose rank 0 fails to publish must not look half successful.
@@ -751,6 +756,7 @@ def _publish(
     layout: dict[str, Any],
     state: ProgressState | None = None,
     identity: RunIdentity | None = None,
+    edited: list[str] | None = None,
 ) -> PublishedArtifact:
     _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
     details: dict[str, Any] = {
@@ -764,6 +770,9 @@ def _publish(
         "resumed_from_step": resume.step if resume else None,
         "distributed": layout,
         "run": identity.record() if identity is not None else None,
+        # Settings that differed when the run resumed (the job's spec was edited): the
+        # steps up to resumed_from_step were trained with the earlier values.
+        "resumed_with_other_settings": edited or [],
     }
     if state is not None:
         details["examples_per_optimizer_step"] = state.examples_per_step
