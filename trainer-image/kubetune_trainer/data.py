@@ -35,7 +35,7 @@ MAX_PROBLEM_CHARS = 400  # one problem's message (a cell's value may be megabyte
 MESSAGE_BUDGET = 1800  # problems listed in one error message; the rest are counted
 MAX_PROBLEMS_LOGGED = 50
 MAX_HINTS = 3
-MAX_KEYS_SHOWN = 20
+MAX_KEYS_SHOWN = 6
 
 # The keys each format needs (before field mapping), in auto-detection order.
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -455,11 +455,11 @@ def detect_format(rows: Sequence[Mapping[str, Any]], fields: FieldMapping, name:
         for fmt, keys in FORMAT_KEYS.items()
     )
     keys = sorted(map(str, seen))
-    shown = ", ".join(_clip(key, 40) for key in keys[:MAX_KEYS_SHOWN])
-    more = f", ... ({len(keys)} keys)" if len(keys) > MAX_KEYS_SHOWN else ""
+    shown = ", ".join(_clip(key, 30) for key in keys[:MAX_KEYS_SHOWN])
+    more = ", ..." if len(keys) > MAX_KEYS_SHOWN else ""
     raise DatasetInvalid(
-        f"could not detect the format of {name}: its rows have keys "
-        f"[{shown}{more}], but each format expects keys ({expected})",
+        f"could not detect the format of {name}: each format expects keys ({expected}), "
+        f"but its rows have {len(keys)} keys [{shown}{more}]",
         hint="set spec.dataset.format, and spec.dataset.fieldMapping to name your columns "
         "(e.g. fieldMapping.output: answer)",
     )
@@ -906,6 +906,29 @@ def encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     return ids, list(ids)
 
 
+def char_limit(tokenizer: Any, max_seq_length: int) -> int:
+    """Characters that surely hold more than ``max_seq_length`` tokens: no token's text is
+    longer than the longest vocabulary entry (byte-level entries are at least as long as
+    the text they stand for), so text cut there tokenizes to the same first tokens."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return (max_seq_length + 2) * max(longest, 1)
+
+
+def cut_example(example: Example, limit: int) -> Example:
+    """``example`` with every text cut to ``limit`` characters: what lies beyond is
+    truncated away after tokenizing anyway, and a 10 MB row would take seconds to
+    tokenize whole. The first ``max_seq_length`` tokens do not change (see
+    :func:`char_limit`): a text or turn cut here already fills them."""
+    if example.text is not None:
+        return (
+            example if len(example.text) <= limit else replace(example, text=example.text[:limit])
+        )
+    if all(len(content) <= limit for _, content in example.messages):
+        return example
+    messages = tuple((role, content[:limit]) for role, content in example.messages)
+    return replace(example, messages=messages)
+
+
 def tokenize_examples(
     examples: Sequence[Example],
     tokenizer: Any,
@@ -921,10 +944,12 @@ def tokenize_examples(
     ``allow_empty`` (e.g. for an optional validation set).
     """
     template = chat_template_for(tokenizer)
+    limit = char_limit(tokenizer, max_seq_length)
     rows: list[dict[str, list[int]]] = []
     truncated = dropped = 0
     rejected: list[tuple[str, str]] = []  # (origin, the template's error)
     for example in examples:
+        example = cut_example(example, limit)
         if example.text is not None:
             ids, labels = encode_text(tokenizer, example.text)
         else:

@@ -45,6 +45,9 @@ class ProgressState:
     started_at: float = field(default_factory=time.time)
     started_step: int = 0  # the step training (re)started at: a resumed run starts late
     message: str = ""
+    # Data dropped or cut on the way (duplicates, validation rows also in train, truncated
+    # examples...): data.py's warnings, also joined into ``message``.
+    warnings: list[str] = field(default_factory=list)
     world_size: int = 1  # processes training together (torchrun's WORLD_SIZE)
     strategy: str = "single"  # single, ddp or fsdp
     global_batch_size: int = 0  # examples per optimizer step across all processes

@@ -472,7 +472,14 @@ def _s3_client(endpoint_url: str | None, region: str | None, settings: S3Setting
         **options,
     )
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+    try:  # botocore resolves the credentials here: an empty or missing half fails at once
+        return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+    except PartialCredentialsError as error:  # names the variable, never a value
+        raise CredentialsInvalid(
+            f"incomplete S3 credentials for {endpoint_url or 'AWS S3'}: {error}",
+            hint="set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, neither empty (the "
+            "storage Secret needs both keys)",
+        ) from None
 
 
 # -- error classification ------------------------------------------------------------
@@ -533,6 +540,15 @@ def _from_code(code: str, status: int, where: _Where) -> TrainerError | None:
         return _missing_bucket(where)
     if status >= 500 or code in _UNAVAILABLE_CODES:
         return _unavailable(where, f"{code or 'HTTP'} {status}")
+    if 400 <= status < 500 and (not code or code.isdigit()):
+        # A 4xx without an S3 error code: most often a web server or proxy, not an S3 API.
+        return ConfigInvalid(
+            f"{where.endpoint} answered {where.action} {where.uri} with HTTP {status} and no "
+            "S3 error code: a web server or proxy rather than an S3 API, or a request the "
+            "store rejects without saying why (such as a wrong region)",
+            hint="check spec.output.endpoint (the S3 API's URL, e.g. http://seaweedfs:8333), "
+            "spec.output.region and the bucket name",
+        )
     return None
 
 
