@@ -179,7 +179,7 @@ class AttemptView:
             deleting=bool(meta.get("deletionTimestamp")),
             spec_json=(meta.get("annotations") or {}).get(SPEC_ANNOTATION),
             queue=labels.get(QUEUE_LABEL),
-            created=meta.get("creationTimestamp"),
+            created=_rfc3339(meta.get("creationTimestamp")),
             complete=(conditions.get("Complete") or {}).get("status") == "True",
             failed_reason=(failed.get("reason") or "Failed") if is_failed else None,
             failed_message=failed.get("message") or "",
@@ -610,10 +610,26 @@ def _note_spec_change(
 
 
 def _elapsed(start: str | None, now: datetime) -> float | None:
-    if not start:
+    started = _parse_time(start)
+    return None if started is None else (now - started).total_seconds()
+
+
+def _parse_time(value: Any) -> datetime | None:
+    """A timestamp as the API sends it (``...Z``) or as the ``kubernetes`` client's
+    objects serialise it (``...+00:00``); None when absent or unreadable."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError:
         return None
-    started = datetime.strptime(start, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    return (now - started).total_seconds()
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _rfc3339(value: Any) -> str | None:
+    """A timestamp in the status's own form (``2026-11-23T12:00:00Z``)."""
+    parsed = _parse_time(value) if value else None
+    return c.now_rfc3339(parsed.astimezone(UTC)) if parsed is not None else None
 
 
 _WARNING_REASONS = ("Unschedulable", "ImagePullBackOff", "CreateContainerConfigError")

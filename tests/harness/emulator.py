@@ -492,6 +492,13 @@ class Emulator(kmock.KubernetesEmulator):
         finally:
             self._watches.discard(watch)
 
+    def history(self, resource: str) -> list[tuple[str, Body]]:
+        """Every change of ``resource`` (e.g. ``"v1/pods"``) so far, oldest first, as
+        ``(ADDED | MODIFIED | DELETED, object)``: what a watch from the start would see.
+        Call it in the emulator's loop (``server.call``)."""
+        wanted = kmock.resource(resource)
+        return [(e.type, e.obj) for e in self._history if e.resource == wanted]
+
     @property
     def watch_count(self) -> int:
         """How many watch streams are open (a test can wait for its watch to be live)."""

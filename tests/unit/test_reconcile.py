@@ -691,6 +691,19 @@ def test_a_retry_whose_status_write_was_lost_is_derived_with_the_same_event() ->
     assert healed.events == retry.events
 
 
+@pytest.mark.parametrize("created", ["2026-11-23T11:00:00Z", "2026-11-23T11:00:00+00:00"])
+def test_the_first_jobs_creation_time_is_read_in_either_form(created: str) -> None:
+    """From kopf's index it is ``...Z``; from a live LIST through the kubernetes client,
+    ``...+00:00``: either gives the status's own form (found by the kill trials: the
+    second form made every later reconcile of the job raise)."""
+    attempt = _attempt(1)
+    attempt["metadata"]["creationTimestamp"] = created
+    decision = reconcile(_job(), [attempt], [_pod(1, "Running")], image=IMAGE, now=NOW)
+    assert decision.status["startTime"] == "2026-11-23T11:00:00Z"
+    again = reconcile(_job(decision.status), [attempt], [_pod(1, "Running")], image=IMAGE)
+    assert again.status["startTime"] == "2026-11-23T11:00:00Z"
+
+
 def test_a_status_lost_before_any_write_still_gets_the_remaining_deadline() -> None:
     """Killed between creating attempt 1 and the first status write, and attempt 1 then
     failed: the retry keeps the first Job's start and gets only what is left of the
