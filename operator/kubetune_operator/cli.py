@@ -174,7 +174,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     job = parse_manifest({**document.body, "spec": spec})
     output = str(Path(args.output).resolve()) if args.output else None
-    return launch_local(trainer_config(job, output_uri=output), job.spec.world_size)
+    config = trainer_config(job, output_uri=output)
+    if args.overwrite:  # the same choice as spec.output.overwrite: true
+        config = config.model_copy(
+            update={"output": config.output.model_copy(update={"overwrite": True})}
+        )
+    return launch_local(config, job.spec.world_size)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -396,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         help="output directory when the job names none (default ./kubetune-output/<name>)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an artifact at the output that other settings produced "
+        "(as spec.output.overwrite: true)",
     )
     train.set_defaults(run=_cmd_train)
 

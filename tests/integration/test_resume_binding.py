@@ -213,3 +213,35 @@ def test_an_edited_job_resumes_its_own_checkpoint_and_says_what_changed(
     manifest = json.loads((output / "adapter" / "manifest.json").read_text())
     assert manifest["resumed_from_step"] == STEPS and manifest["metrics"]["steps"] == STEPS
     assert manifest["resumed_with_other_settings"] == ["training.learningRate"]
+
+
+def test_kubetune_train_overwrites_only_when_asked(
+    finished: tuple[Path, RunResult],
+    tiny_model: Path,
+    tiny_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kubetune_operator.cli import main
+
+    output = _copy(finished, tmp_path)
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "cli-job"},
+        "spec": {
+            "model": {"source": str(tiny_model)},
+            "dataset": {"sources": [str(tiny_dataset)], "maxSeqLength": 128},
+            "training": {"maxSteps": 1},
+            "output": {"uri": str(output)},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(manifest))  # JSON is YAML
+    before = _files(output)
+    assert main(["train", "-f", str(path)]) == ExitCode.CONFIG_INVALID
+    assert "spec.output.overwrite: true" in capsys.readouterr().err
+    assert _files(output) == before
+    assert main(["train", "-f", str(path), "--overwrite"]) == ExitCode.OK
+    manifest_after = json.loads((output / "adapter" / "manifest.json").read_text())
+    assert manifest_after["metrics"]["steps"] == 1

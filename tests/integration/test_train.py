@@ -118,7 +118,7 @@ def test_other_peft_methods_train(
 
 
 def test_full_fine_tuning_writes_a_loadable_model(
-    tiny_model: Path, tiny_dataset: Path, tmp_path: Path
+    tiny_model: Path, tiny_dataset: Path, tmp_path: Path, capsys
 ) -> None:
     config = tiny_config(
         tiny_model,
@@ -128,6 +128,9 @@ def test_full_fine_tuning_writes_a_loadable_model(
         training={"max_steps": 4, "learning_rate": 1e-3},
     )
     assert execute(config) == ExitCode.OK
+    # The summary names what it wrote where it wrote it (<uri>/model, as the docs say).
+    assert f"  model        {(tmp_path / 'model').as_uri()}" in capsys.readouterr().out
+    assert not (tmp_path / "adapter").exists()
     model = _load_base(tmp_path / "model")
     base = _load_base(tiny_model)
     changed = any(
@@ -150,6 +153,10 @@ def test_merged_export_loads_as_a_plain_model(
     assert execute(config) == ExitCode.OK
     merged = _load_base(tmp_path / "adapter" / "merged")
     assert merged.config.model_type == "llama"
+    from transformers import AutoTokenizer  # a complete model: its tokenizer beside it
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "adapter" / "merged"))
+    assert tokenizer.chat_template and tokenizer("hello")["input_ids"]
 
 
 # --------------------------------------------------------------------------- resume, SIGTERM

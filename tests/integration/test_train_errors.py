@@ -61,6 +61,19 @@ def test_model_without_weights(tiny_model, tiny_dataset, tmp_path, output, monke
     assert "no weights" in err
 
 
+def test_missing_model_directory(tiny_dataset, tmp_path, output, monkeypatch, capsys) -> None:
+    code, result, err = _run(
+        tiny_config(tmp_path / "no-such-model", tiny_dataset, str(output)),
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    assert code == ExitCode.MODEL_INVALID == 12  # as docs/exit-codes.md says
+    assert result["error"]["reason"] == "ModelInvalid" and result["error"]["retryable"] is False
+    assert "spec.model.source" in err and "does not exist" in err
+    _assert_nothing_complete(output)
+
+
 def test_empty_dataset(tiny_model, tmp_path, output, monkeypatch, capsys) -> None:
     data = _write(tmp_path / "empty.jsonl", [""])
     code, result, _ = _run(
