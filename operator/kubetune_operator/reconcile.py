@@ -451,6 +451,9 @@ def reconcile(
         b.status["startTime"] = views[0].created
     if attempts:
         b.status["attempts"] = attempts
+    if views and c.get_condition(b.conditions, c.ACCEPTED) is None:
+        # Lost with the same status write: an attempt is only created for a valid spec.
+        b.condition(c.ACCEPTED, True, "Valid", "the spec is valid")
 
     try:
         current: FineTuneJob | None = _job_from(body, {} if spec_field is None else spec_field)

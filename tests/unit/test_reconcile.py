@@ -564,6 +564,7 @@ def test_start_time_lost_with_a_status_write_is_recovered_from_the_first_job() -
     assert decision.create_job is None
     assert decision.status["attempts"] == 1
     assert decision.status["startTime"] == "2026-11-23T11:00:00Z"
+    assert _condition(decision, "Accepted")["status"] == "True"  # lost with the same write
 
 
 def test_a_suspend_undone_before_its_status_was_written_resumes() -> None:
