@@ -99,7 +99,15 @@ def test_summary_says_what_improved(capsys: pytest.CaptureFixture[str]) -> None:
     }
     artifact = SimpleNamespace(uri="file:///out/adapter", digest="sha256:0")
     _print_summary(
-        SimpleNamespace(metrics=metrics, stats={}, resumed_from_step=None, artifact=artifact), 30.0
+        SimpleNamespace(
+            metrics=metrics,
+            stats={},
+            resumed_from_step=None,
+            artifact=artifact,
+            reused=False,
+            kind="adapter",
+        ),
+        30.0,
     )
     out = capsys.readouterr().out
     assert "train loss   7.3500 → 0.8300 (-89%) (first step → moving average)" in out
@@ -107,8 +115,17 @@ def test_summary_says_what_improved(capsys: pytest.CaptureFixture[str]) -> None:
 
     del metrics["initial_eval_loss"], metrics["train_loss_smoothed"]
     _print_summary(
-        SimpleNamespace(metrics=metrics, stats={}, resumed_from_step=None, artifact=artifact), 30.0
+        SimpleNamespace(
+            metrics=metrics,
+            stats={},
+            resumed_from_step=None,
+            artifact=artifact,
+            reused=False,
+            kind="adapter",
+        ),
+        30.0,
     )
     out = capsys.readouterr().out
     assert "train loss   7.3500 → 0.9000 (-88%) (first step → last)" in out
     assert "eval loss    1.2600 (perplexity 3.52)" in out
+    assert "  adapter      file:///out/adapter" in out
