@@ -140,15 +140,15 @@ def resolve_local_paths(
             return value
         local = _local(value, directory)
         if not local.exists():
-            searched = (
-                f"looked in {directory} (relative paths in a manifest start at the "
-                "manifest's directory)"
-                if not Path(value).is_absolute()
-                else "no such file or directory"
-            )
-            problems.append(
-                Problem(f"{at}.{field}", f"{value} not found: {searched}", "fix the path")
-            )
+            if Path(value).is_absolute():
+                message, hint = f"{value} does not exist", "check the path"
+            else:
+                message = (
+                    f"{value} not found in {directory} (a relative path in a manifest "
+                    "starts at the manifest's directory)"
+                )
+                hint = f"write the path relative to {directory}, or an absolute path"
+            problems.append(Problem(f"{at}.{field}", message, hint))
         return str(local)
 
     model = spec.get("model")

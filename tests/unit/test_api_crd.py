@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +111,16 @@ def _broken_cel_rules(value: Any, schema: dict[str, Any]) -> list[str]:
     return _broken_after_defaulting(_with_defaults(value, schema), schema)
 
 
+@functools.cache
+def _cel_program(rule: str) -> Any:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
 def _broken_after_defaulting(value: Any, schema: dict[str, Any]) -> list[str]:
     broken = []
-    environment = celpy.Environment()
     for rule in schema.get("x-kubernetes-validations", []):
-        program = environment.program(environment.compile(rule["rule"]))
+        program = _cel_program(rule["rule"])
         if not program.evaluate({"self": celpy.json_to_cel(value)}):
             broken.append(rule["message"])
     if isinstance(value, dict):

@@ -86,6 +86,9 @@ def _describe(model: type[BaseModel] | None, name: str) -> str | None:
 
 
 def _show(value: Any) -> str:
+    """A value as YAML spells it (null, true), strings quoted."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -113,6 +116,8 @@ def _type_fix(kind: str, name: str, got: Any) -> str | None:
     if kind == "int_type" and isinstance(got, str) and got.strip().lstrip("+-").isdigit():
         return f"write the number without quotes: {field}: {int(got)}"
     if kind == "int_type" and isinstance(got, float):
+        if got.is_integer():
+            return "write a whole number between -2^63 and 2^63-1 (kubectl sends this as a float)"
         return "write a whole number"
     if kind == "bool_type" and isinstance(got, str) and got.lower() in ("true", "false"):
         return f"write true or false without quotes: {field}: {got.lower()}"
@@ -207,16 +212,16 @@ def _unknown_field_hint(
     if same:
         return f"did you mean {same[0]!r}?"
     spec_path = "spec.template" if path.startswith("spec.template.") else "spec"
-    renamed = rename_hint(name, value, spec_path)
-    if renamed:
-        return renamed
     elsewhere = [
-        p
+        f"{spec_path}.{p}"
         for p in _field_paths(FineTuneJobSpec, "")
         if _normal(p.rsplit(".", 1)[-1]) == _normal(name)
     ]
-    if elsewhere and path.startswith("spec"):
-        return f"{name} is not a field here: it goes at {spec_path}.{elsewhere[0]}"
+    if path.startswith("spec") and 1 <= len(elsewhere) <= 3:
+        return f"{name} is not a field here: it goes at {' or '.join(elsewhere)}"
+    renamed = rename_hint(name, value, spec_path)
+    if renamed:
+        return renamed
     close = difflib.get_close_matches(name, known, n=1)
     if close:
         return f"did you mean {close[0]!r}?"
@@ -228,7 +233,27 @@ def problems_of(
 ) -> list[Problem]:
     """The problems of a failed validation of ``root`` (a model of this API), each path
     prefixed with ``prefix`` (e.g. "spec" when ``root`` is a spec model)."""
-    return [p for e in error.errors() for p in _problems_of_error(e, root, prefix)]
+    problems: list[Problem] = []
+    union_at: dict[str, int] = {}  # a union's members fail one by one: one problem
+    for e in error.errors():
+        found = _problems_of_error(e, root, prefix)
+        in_union = any(isinstance(part, str) and _UNION_MEMBER.match(part) for part in e["loc"])
+        if not (in_union and len(found) == 1 and found[0].message.startswith("must be ")):
+            problems += found
+            continue
+        problem = found[0]
+        if problem.path not in union_at:
+            union_at[problem.path] = len(problems)
+            problems.append(problem)
+            continue
+        first = problems[union_at[problem.path]]
+        expected, got = first.message.removeprefix("must be ").rsplit(" (got ", 1)
+        more = problem.message.removeprefix("must be ").rsplit(" (got ", 1)[0]
+        hints = "; ".join(dict.fromkeys(h for h in (first.hint, problem.hint) if h))
+        problems[union_at[problem.path]] = Problem(
+            problem.path, f"must be {expected} or {more} (got {got}", hints or None
+        )
+    return problems
 
 
 def parse_document(document: Any, model: type[M], kind: str) -> M:
