@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 from harness.network import free_port
 from trainer_helpers import fetch_text, mean_response_loss, read_rows, tiny_config
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import OutputConfig, TrainerConfig
 from kubetune_trainer.errors import ExitCode
 from kubetune_trainer.main import execute, launch_local
 
@@ -238,6 +239,7 @@ def test_failing_rank_fails_all_with_its_exit_code_and_the_rerun_resumes(
     assert "injected failure of rank 1" in error["message"]
     assert _complete_steps(output) == [2, 4], out  # rank 1 failed in step 6
     assert not (output / "adapter").exists()
+    single = Path(shutil.copytree(output, tmp_path / "single"))  # for one process, below
 
     # The next attempt (all ranks) resumes from the newest complete checkpoint.
     termination.unlink()
@@ -249,15 +251,10 @@ def test_failing_rank_fails_all_with_its_exit_code_and_the_rerun_resumes(
     assert json.loads(termination.read_text())["artifact"]["uri"].endswith("/adapter")
 
     # Replicated (DDP) checkpoints also resume on another world size: one process.
-    longer = tiny_config(
-        tiny_model,
-        tiny_dataset,
-        str(output),
-        training={"max_steps": 14, "checkpoint_every_steps": 2},
-    )
-    assert execute(longer) == ExitCode.OK
-    manifest = json.loads((output / "adapter" / "manifest.json").read_text())
-    assert manifest["resumed_from_step"] == 12 and manifest["distributed"]["world_size"] == 1
+    assert execute(config.model_copy(update={"output": OutputConfig(uri=str(single))})) == 0
+    manifest = json.loads((single / "adapter" / "manifest.json").read_text())
+    assert manifest["resumed_from_step"] == 4 and manifest["distributed"]["world_size"] == 1
+    assert manifest["metrics"]["steps"] == 12
 
 
 def test_fsdp_full_fine_tune_resumes_on_the_same_world_size_only(
@@ -267,31 +264,37 @@ def test_fsdp_full_fine_tune_resumes_on_the_same_world_size_only(
 
     output = tmp_path / "out"
 
-    def config(max_steps: int) -> TrainerConfig:
+    def config(out_dir: Path) -> TrainerConfig:
         return tiny_config(
             tiny_model,
             tiny_dataset,
-            str(output),
+            str(out_dir),
             method={"type": "full"},
-            training={"max_steps": max_steps, "learning_rate": 1e-3, "checkpoint_every_steps": 2},
+            training={"max_steps": 8, "learning_rate": 1e-3, "checkpoint_every_steps": 2},
             distributed={"fsdp": {"sharding": "hybrid", "activation_checkpointing": True}},
         )
 
-    first = _torchrun(config(2), tmp_path)
+    # The first attempt fails in step 6 (rank 1), after checkpoints at steps 2 and 4.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAIL_RANK_1)
+    first = _torchrun(config(output), tmp_path, env={"PYTHONPATH": str(hook)})
     out = _finish(first)
-    assert first.returncode == 0, out
-    assert "processes    2 (fsdp)" in out
-    assert json.loads((output / "checkpoints/step-00000002/kubetune.json").read_text()) == {
+    assert first.returncode == 1, out
+    assert _complete_steps(output) == [2, 4], out
+    assert json.loads((output / "checkpoints/step-00000004/kubetune.json").read_text()) == {
         "world_size": 2,
         "strategy": "fsdp",
         "global_batch_size": 16,
     }
+    single = Path(shutil.copytree(output, tmp_path / "single"))  # for one process, below
 
-    second = _torchrun(config(4), tmp_path)
+    second = _torchrun(config(output), tmp_path)
     out = _finish(second)
     assert second.returncode == 0, out
+    assert "processes    2 (fsdp)" in out
     manifest = json.loads((output / "model" / "manifest.json").read_text())
-    assert manifest["resumed_from_step"] == 2 and manifest["metrics"]["steps"] == 4
+    assert manifest["resumed_from_step"] == 4 and manifest["metrics"]["steps"] == 8
     tuned = AutoModelForCausalLM.from_pretrained(str(output / "model"), dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
     assert any(
@@ -300,7 +303,7 @@ def test_fsdp_full_fine_tune_resumes_on_the_same_world_size_only(
     )
 
     # One process cannot resume a 2-rank FSDP checkpoint: refused, not retried.
-    assert execute(config(6)) == ExitCode.UNSUPPORTED
+    assert execute(config(single)) == ExitCode.UNSUPPORTED
     err = capsys.readouterr().err
     assert "spec.resources.nodes" in err and "world size of 2" in err
 
