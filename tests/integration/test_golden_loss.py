@@ -6,7 +6,7 @@ changes these numbers and fails here. The numbers are the per-step training loss
 run writes to its TensorBoard files (every optimizer step is logged) and the evaluation
 losses in manifest.json, for the session's tiny model and dataset (tests/conftest.py)
 on CPU in float32. Tolerance: relative 1e-4 (about 7e-4 at a loss of 7), far above
-the run-to-run noise measured (none at 6 decimals, with 1, 2 or 3 threads) and far
+the run-to-run noise measured (none at 6 decimals, with 1 or 2 threads) and far
 below what a real change to the recipe moves: a learning rate 10% higher moves the
 second step's loss by 0.013 (relative 1.8e-3) and the fourth's by 0.068.
 
