@@ -33,6 +33,7 @@ from .api.sweep import parse_sweep, spec_field, spec_value
 from .api.types import API_VERSION, KIND
 from .api.validation import InvalidManifest, Problem, parse_manifest
 from .manifests import Document, ManifestFileError, read_documents, resolve_local_paths
+from .reconcile import cluster_problems
 
 T = TypeVar("T")
 
@@ -78,12 +79,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                             )
                         ]
                     )
-                name = (parse or parse_manifest)(body).metadata.name
+                parsed = (parse or parse_manifest)(body)
             except InvalidManifest as invalid:
                 failures += 1
                 _print_problems(document.source, invalid.problems)
             else:
-                print(f"✓ {document.source}: {kind} {name!r} is valid")
+                print(f"✓ {document.source}: {kind} {parsed.metadata.name!r} is valid")
+                if kind == KIND:
+                    # What the operator also needs on a cluster (kubetune train does not).
+                    for problem in cluster_problems(parsed):
+                        print(f"  note: {problem}".replace("\n", "\n  "))
     return 1 if failures else 0
 
 

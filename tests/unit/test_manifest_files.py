@@ -152,3 +152,17 @@ def test_stdin_manifests_resolve_against_the_current_directory(
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data.encode())))
     (document,) = read_documents("-")
     assert document.directory == tmp_path
+
+
+def test_validate_notes_what_a_cluster_also_needs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job without an s3:// output is valid (kubetune train runs it) and validate says
+    what the operator will also ask for on a cluster."""
+    path = tmp_path / "job.yaml"
+    spec = {"model": {"source": "hf://o/m"}, "dataset": {"sources": ["s3://b/d.jsonl"]}}
+    path.write_text(kubeyaml.dump(_job({**spec, "output": {"uri": "/out"}})))
+    assert main(["validate", "-f", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "is valid" in out
+    assert "note: spec.output.uri: must be an s3:// URI on a cluster (got '/out')" in out
