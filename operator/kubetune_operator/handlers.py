@@ -39,7 +39,7 @@ from .events import event_manifest, reporting_instance
 from .kube import KubeApi
 from .metrics import OperatorMetrics
 from .progress import changed_fields, fetch_progress, status_from_progress
-from .reconcile import Decision, Event, reconcile
+from .reconcile import TERMINAL_STATES, Decision, Event, reconcile
 from .sweep import SWEEP_LABEL, SweepDecision, reconcile_sweep
 from .workload import (
     ATTEMPT_LABEL,
@@ -71,9 +71,11 @@ class Reconciler:
     Attempt Jobs and trainer pods come from two kopf indexes (``attempt_jobs``,
     ``attempt_pods``: slim copies, keyed by (namespace, job)), with a live LIST whenever
     the index knows fewer attempts than ``status.attempts`` (it has not caught up with a
-    Job we created) or the latest attempt has finished (its pods' termination messages
-    must be complete). One thread resyncs every job (a LIST of FineTuneJobs) and one polls
-    the running trainers through a small pool, instead of two kopf timers per job.
+    Job we created), the latest attempt has finished (its pods' termination messages
+    must be complete) or the job has (a stale index must never make a finished job stop
+    an attempt that in fact completed). One thread resyncs every job (a LIST of
+    FineTuneJobs) and one polls the running trainers through a small pool, instead of two
+    kopf timers per job.
     """
 
     def __init__(self, api: KubeApi, config: OperatorConfig, metrics: OperatorMetrics) -> None:
@@ -133,8 +135,10 @@ class Reconciler:
             pods = list(self.pods_index.get(key) or ())
             latest = max(jobs, key=_attempt, default=None)
             known = _attempt(latest) if latest is not None else 0
-            attempts = int((body.get("status") or {}).get("attempts") or 0)
-            if known >= attempts and (latest is None or not _finished(latest)):
+            status = body.get("status") or {}
+            attempts = int(status.get("attempts") or 0)
+            ended = status.get("state") in TERMINAL_STATES  # (rare) decisions that delete
+            if known >= attempts and not ended and (latest is None or not _finished(latest)):
                 return jobs, pods
         return self.api.list_jobs(namespace, name), self.api.list_pods(namespace, name)
 

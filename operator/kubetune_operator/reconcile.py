@@ -444,8 +444,9 @@ def reconcile(
     labels = (body.get("metadata") or {}).get("labels") or {}
 
     if b.old.get("state") in TERMINAL_STATES:
-        b.decision.delete_jobs = _unfinished(views)
-        return b.finish()
+        if b.old.get("state") == "Failed":  # a stop lost in a crash is repeated
+            b.decision.delete_jobs = _unfinished(views)
+        return b.finish()  # a Succeeded job's attempts all ended: nothing to stop
     if views and not b.status.get("startTime") and views[0].created:
         # The status write after the first Job's creation was lost: the Job remembers.
         b.status["startTime"] = views[0].created

@@ -69,6 +69,15 @@ def test_a_finished_attempt_is_read_live() -> None:
     assert api.lists == 1
 
 
+def test_a_finished_job_reads_its_attempts_live() -> None:
+    """The index may still show an attempt running that completed: a job that has ended
+    (its rare reconciles may delete) reads live."""
+    api = FakeApi([_attempt_job(1, "Complete")])
+    reconciler = _reconciler(api, [_attempt_job(1)])
+    jobs, _ = reconciler._workloads("ns", "j", {"status": {"attempts": 1, "state": "Failed"}})
+    assert api.lists == 1 and jobs == api.jobs
+
+
 def test_index_entries_leave_out_the_pod_template() -> None:
     slim = _slim(_attempt_job(1), ("completions", "suspend"))
     assert slim["spec"] == {"completions": 1, "suspend": False}

@@ -538,6 +538,16 @@ def test_terminal_jobs_stay_terminal() -> None:
     assert decision.delete_jobs == []
 
 
+def test_a_succeeded_job_never_stops_an_attempt_it_sees_as_running() -> None:
+    """A stale view (the attempt that completed still seen running) must not delete it;
+    a Failed job still stops an attempt left running (a stop lost in a crash)."""
+    running = [_attempt(1)], [_pod(1, "Running")]
+    done = reconcile(_job({"state": "Succeeded", "attempts": 1}), *running, image=IMAGE)
+    assert done.delete_jobs == [] and done.events == []
+    failed = reconcile(_job({"state": "Failed", "attempts": 1}), *running, image=IMAGE)
+    assert failed.delete_jobs == ["job-attempt-1"]
+
+
 def test_condition_transition_time_kept_when_status_unchanged() -> None:
     first = reconcile(
         _job({"state": "Pending", "attempts": 1}),
