@@ -309,12 +309,21 @@ def packing_note(config: Any, lengths: list[int]) -> str:
     capacity = train.pack_capacity(lengths, t.batch_size, config.dataset.max_seq_length)
     if not hasattr(train, "rows_per_device_step"):
         return f"; packed rows of ≤{capacity} tokens, one per device step"
+    per_batch = (
+        train.rows_for_batch(lengths, t.batch_size, config.dataset.max_seq_length)
+        if hasattr(train, "rows_for_batch")
+        else 1
+    )
     rows = train.rows_per_device_step(
-        capacity, t.batch_size, config.dataset.max_seq_length, t.gradient_accumulation_steps
+        capacity,
+        t.batch_size,
+        config.dataset.max_seq_length,
+        t.gradient_accumulation_steps,
+        *([per_batch] if per_batch > 1 else []),
     )
     return (
         f"; packed rows of ≤{capacity} tokens, {rows} per device step, "
-        f"accumulation {t.gradient_accumulation_steps // rows}"
+        f"accumulation {t.gradient_accumulation_steps // (rows // per_batch)}"
     )
 
 

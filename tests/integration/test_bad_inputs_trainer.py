@@ -241,7 +241,7 @@ def test_every_dataset_problem_in_one_run_exit_11_without_traceback(
 def test_sigterm_while_preparing_data_is_preempted_and_retryable(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    data = generate_instruction_dataset(tmp_path / "big.jsonl", n=40_000, seed=3)
+    data = generate_instruction_dataset(tmp_path / "big.jsonl", n=25_000, seed=3)
     port = free_port()
     termination = tmp_path / "termination-log"
     config = tiny_config(tiny_model, data, str(tmp_path / "out"), reporting={"progress_port": port})

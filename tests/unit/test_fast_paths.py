@@ -81,6 +81,12 @@ def test_rows_per_device_step_keeps_rows_per_optimizer_step_within_the_memory_bu
     assert rows_per_device_step(2048, batch_size=4, max_seq_length=2048, accumulation=8) == 4
     assert rows_per_device_step(2048, batch_size=1, max_seq_length=2048, accumulation=8) == 1
     assert rows_per_device_step(2048, batch_size=2, max_seq_length=2048, accumulation=1) == 1
+    # several rows hold one batch (short maxSeqLength): they are the step's base
+    tiny = {"batch_size": 8, "max_seq_length": 128, "rows_per_batch": 3}
+    assert rows_per_device_step(94, accumulation=1, **tiny) == 3
+    assert rows_per_device_step(94, accumulation=4, **tiny) == 6  # 2 micro-batches merged
+    # base rows over the budget (long examples) stay whole: no merging
+    assert rows_per_device_step(128, accumulation=2, **{**tiny, "batch_size": 2}) == 3
 
 
 def test_training_arguments_shrink_accumulation_by_the_rows_per_step() -> None:
@@ -98,6 +104,11 @@ def test_training_arguments_shrink_accumulation_by_the_rows_per_step() -> None:
     )
     args = _training_arguments(unpacked, Path("/tmp/unused"), "fp32", False, rows_per_step=2)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 4)
+    # 3 rows hold a batch, 2 micro-batches merged: accumulation 4 → 2 steps of 6 rows
+    args = _training_arguments(
+        config, Path("/tmp/unused"), "fp32", False, rows_per_step=6, rows_per_batch=3
+    )
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (6, 2)
 
 
 def test_the_startup_clock_splits_the_time_to_the_first_step() -> None:

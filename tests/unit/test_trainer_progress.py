@@ -37,11 +37,17 @@ def test_termination_message_stays_under_the_kubelet_limit(tmp_path: Path) -> No
 
 
 def test_pack_capacity_keeps_about_batch_size_examples_per_sequence() -> None:
-    from kubetune_trainer.train import pack_capacity
+    from kubetune_trainer.train import pack_capacity, rows_for_batch
 
     assert pack_capacity([100, 120, 80], batch_size=4, max_seq_length=2048) == 400
+    assert rows_for_batch([100, 120, 80], batch_size=4, max_seq_length=2048) == 1
     assert pack_capacity([100, 900], batch_size=1, max_seq_length=2048) == 900  # longest fits
-    assert pack_capacity([100] * 10, batch_size=64, max_seq_length=2048) == 2048
+    # maxSeqLength too short for batchSize examples in one row: 6400 tokens in 4 rows
+    assert pack_capacity([100] * 10, batch_size=64, max_seq_length=2048) == 1600
+    assert rows_for_batch([100] * 10, batch_size=64, max_seq_length=2048) == 4
+    # the tests' tiny runs: about 35 tokens an example, batch 8, maxSeqLength 128
+    assert rows_for_batch([35] * 10, batch_size=8, max_seq_length=128) == 3
+    assert pack_capacity([35] * 10, batch_size=8, max_seq_length=128) == 94
 
 
 def test_progress_shows_world_size_strategy_and_global_batch() -> None:

@@ -249,24 +249,40 @@ def _callbacks(
 # --------------------------------------------------------------------------- the recipe
 
 
+def _batch_tokens(lengths: list[int], batch_size: int) -> int:
+    """Tokens that ``batch_size`` examples of these lengths hold on average."""
+    return math.ceil(batch_size * sum(lengths) / len(lengths))
+
+
+def rows_for_batch(lengths: list[int], batch_size: int, max_seq_length: int) -> int:
+    """Packed rows that together hold about ``batch_size`` examples: one, unless
+    ``max_seq_length`` is too short for them (then as many as their tokens need), so that
+    a packed device step holds batchSize examples, as the field says."""
+    if not lengths:
+        return 1
+    return max(1, math.ceil(_batch_tokens(lengths, batch_size) / max_seq_length))
+
+
 def pack_capacity(lengths: list[int], batch_size: int, max_seq_length: int) -> int:
-    """Tokens per packed sequence, so that one packed sequence holds about ``batch_size``
-    examples: a packed step then sees as many examples, and the run as many optimizer
-    steps, as an unpacked one. Filling whole ``max_seq_length`` rows instead would put
-    far more examples in each step (fewer, larger steps: worse loss after one epoch) and
-    make attention cost grow with max_seq_length² for no gain."""
+    """Tokens per packed sequence, so that :func:`rows_for_batch` sequences hold about
+    ``batch_size`` examples: a packed step then sees as many examples, and the run as many
+    optimizer steps, as an unpacked one. Filling whole ``max_seq_length`` rows instead
+    would put far more examples in each step (fewer, larger steps: worse loss after one
+    epoch) and make attention cost grow with max_seq_length² for no gain."""
     if not lengths:
         return max_seq_length
-    mean = sum(lengths) / len(lengths)
-    return min(max_seq_length, max(max(lengths), math.ceil(batch_size * mean)))
+    rows = rows_for_batch(lengths, batch_size, max_seq_length)
+    share = math.ceil(_batch_tokens(lengths, batch_size) / rows)
+    return min(max_seq_length, max(max(lengths), share))
 
 
 def rows_per_device_step(
-    capacity: int, batch_size: int, max_seq_length: int, accumulation: int
+    capacity: int, batch_size: int, max_seq_length: int, accumulation: int, rows_per_batch: int = 1
 ) -> int:
-    """Packed rows per device step: as many as fit the memory budget the user's batch
-    already implies, among the divisors of ``accumulation`` (which shrinks by as much), so
-    that rows, and so examples, per optimizer step stay the same.
+    """Packed rows per device step: the ``rows_per_batch`` that hold batchSize examples,
+    times as many micro-batches as fit the memory budget the user's batch already
+    implies, among the divisors of ``accumulation`` (which shrinks by as much), so that
+    rows, and so examples, per optimizer step stay the same.
 
     The budget is ``batch_size`` × ``max_seq_length`` positions: what one unpacked step
     of the same config may hold at worst, so the user sized memory for it already. Both
@@ -275,7 +291,8 @@ def rows_per_device_step(
     within what an unpacked step could need. Several rows per step make larger matrix
     multiplies and fewer per-micro-batch overheads (docs/benchmarks.md)."""
     budget = max(1, (batch_size * max_seq_length) // max(capacity, 1))
-    return max(k for k in range(1, accumulation + 1) if accumulation % k == 0 and k <= budget)
+    merged = [k for k in range(1, accumulation + 1) if accumulation % k == 0]
+    return rows_per_batch * max([k for k in merged if rows_per_batch * k <= budget], default=1)
 
 
 def _training_arguments(
@@ -288,6 +305,7 @@ def _training_arguments(
     fresh_start: bool = False,
     rows_per_step: int = 1,
     fast: FastPaths | None = None,
+    rows_per_batch: int = 1,
 ) -> Any:
     from transformers import TrainingArguments
 
@@ -298,12 +316,13 @@ def _training_arguments(
     # its first step (one more eval pass, like each periodic one), so the plot and the
     # summary show where it started. A resumed run has that point in its restored history.
     eval_on_start = fresh_start and eval_steps is not None
-    # Packed: one sequence already holds about batch_size examples; rows_per_step of them
-    # per device step, over gradient_accumulation_steps / rows_per_step micro-batches.
+    # Packed: rows_per_batch sequences hold about batch_size examples; rows_per_step of
+    # them per device step, over gradient_accumulation_steps / (rows_per_step /
+    # rows_per_batch) micro-batches.
     per_device = rows_per_step if config.dataset.packing else t.batch_size
     accumulation = t.gradient_accumulation_steps
     if config.dataset.packing:
-        accumulation //= rows_per_step
+        accumulation //= rows_per_step // rows_per_batch
     fast = fast or FastPaths()
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -510,22 +529,25 @@ def _run(
     state.message = "; ".join(state.warnings)
     t = config.training
     examples = len(train_rows)
-    rows_per_step = 1
+    rows_per_step = rows_per_batch = 1
     if config.dataset.packing:
-        capacity = pack_capacity(
-            [len(row["input_ids"]) for row in train_rows],
-            t.batch_size,
-            config.dataset.max_seq_length,
-        )
+        lengths = [len(row["input_ids"]) for row in train_rows]
+        capacity = pack_capacity(lengths, t.batch_size, length)
+        rows_per_batch = rows_for_batch(lengths, t.batch_size, length)
         train_rows = packing.pack(train_rows, capacity, seed=t.seed)
         eval_rows = packing.pack(eval_rows, capacity, seed=t.seed)
         eval_collator: Any = packing.PackedCollator(tokenizer.pad_token_id)
         rows_per_step = rows_per_device_step(
-            capacity, t.batch_size, config.dataset.max_seq_length, t.gradient_accumulation_steps
+            capacity, t.batch_size, length, t.gradient_accumulation_steps, rows_per_batch
         )
         # rows per optimizer step (unchanged by rows_per_step) × examples per row
         state.examples_per_step = round(
-            t.gradient_accumulation_steps * world.size * examples / max(len(train_rows), 1), 1
+            rows_per_batch
+            * t.gradient_accumulation_steps
+            * world.size
+            * examples
+            / max(len(train_rows), 1),
+            1,
         )
     else:
         eval_collator = packing.PaddingCollator(tokenizer.pad_token_id)
@@ -585,6 +607,7 @@ def _run(
             fresh_start=resume is None,
             rows_per_step=rows_per_step,
             fast=fast,
+            rows_per_batch=rows_per_batch,
         ),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,

@@ -313,7 +313,15 @@ class TrainingSpec(ApiModel):
     maxSteps: int | None = Field(
         default=None, ge=1, description="Optimizer steps to run (instead of epochs)."
     )
-    batchSize: int = Field(default=4, ge=1, le=4096, description="Examples per device step.")
+    batchSize: int = Field(
+        default=4,
+        ge=1,
+        le=4096,
+        description=(
+            "Examples per device step. With packing, about this many on average, in one "
+            "packed row or in several when maxSeqLength is too short for them in one."
+        ),
+    )
     gradientAccumulationSteps: int = Field(
         default=4, ge=1, le=1024, description="Micro-batches per optimizer step."
     )
