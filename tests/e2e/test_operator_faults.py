@@ -1,0 +1,365 @@
+"""The operator killed at any point, and the API server restarted under it, loses nothing.
+
+* ``test_operator_sigkilled_at_random_points_heals``: the real operator (``kubetune
+  operator``, a process of its own) is SIGKILLed in each of 36 seeded trials, at one of:
+  right after its n-th Job create, Event post or status patch reached the API server
+  (the write lands, the operator never sees the answer), at a random delay after a
+  FineTuneJob is applied, right after its Job delete for a deleted FineTuneJob, or at a
+  random delay after such a delete; then restarted at once. Half the applied jobs fail
+  their first attempt (retryable), so kills also fall around retries. After the last
+  restart everything must settle: exactly the Jobs each job needs (each created once),
+  every job Succeeded with a complete status consistent with its Jobs, every deleted job
+  gone with its Jobs and pods, every state the status ever showed has its Event, and a
+  retry shows ``Retrying`` until the next attempt runs.
+* ``test_api_server_restart_under_a_running_operator``: the emulated API server stops
+  and starts again on its port (objects kept); a job applied and a job suspended right
+  after are both handled, and a job whose pod finished while it was down completes.
+
+Stand-in trainers (tests/e2e/fake_trainer.py) keep each trial cheap. Timings are printed
+(``-s``) for docs/reliability.md, never asserted. ``KUBETUNE_FAULT_SEED`` replays a run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+import pytest
+from harness import (
+    ADMIN_USER,
+    OPERATOR_USER,
+    AuditEntry,
+    EmulatorServer,
+    JobController,
+    Kubelet,
+    OperatorProcess,
+    make_emulator,
+)
+from kubernetes.client.exceptions import ApiException
+
+from kubetune_operator.api.types import GROUP, PLURAL, VERSION
+from kubetune_operator.events import REPORTING_CONTROLLER
+
+pytestmark = pytest.mark.e2e
+
+FAKE_TRAINER = str(Path(__file__).with_name("fake_trainer.py"))
+IMAGES = {
+    "fake:ok": [sys.executable, FAKE_TRAINER],
+    "fake:flaky": [sys.executable, FAKE_TRAINER, "fail-once"],
+    "fake:sleep": [sys.executable, FAKE_TRAINER, "sleep"],
+}
+NAMESPACE = "default"
+SEED = int(os.environ.get("KUBETUNE_FAULT_SEED", "15"))
+TRIALS = int(os.environ.get("KUBETUNE_FAULT_TRIALS", "30"))
+TRIGGER_WAIT_S = 2.5  # a kill point not reached by then: the kill comes at the trial's end
+KILL_POINTS = ("create", "event", "status", "apply+delay", "delete", "delete+delay")
+FTJ = f"{GROUP}/{VERSION}/{PLURAL}"
+
+
+def manifest(name: str, image: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "image": image,
+            "model": {"source": "s3://bucket/models/tiny"},
+            "dataset": {"sources": ["s3://bucket/data/train.jsonl"], "format": "alpaca"},
+            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16}},
+            "training": {"maxSteps": 4, "batchSize": 2},
+            "output": {"uri": f"s3://bucket/jobs/{name}"},
+            "retryLimit": 2,
+        },
+    }
+
+
+class Cluster:
+    """The emulator, the Job controller, a kubelet with stand-in trainers and the real
+    operator as a process, as the admin sees them."""
+
+    def __init__(self, server: EmulatorServer, tmp: Path) -> None:
+        self.server = server
+        client = server.api_client(ADMIN_USER)
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        kubeconfig = server.write_kubeconfig(tmp / "operator-kubeconfig", OPERATOR_USER)
+        self.operator = OperatorProcess(
+            kubeconfig,
+            tmp / "operator-logs",
+            preload=True,
+            args=["--image", "fake:ok", "--progress-interval", "1", "--resync-interval", "3"],
+        )
+
+    def apply(self, name: str, image: str) -> None:
+        self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, manifest(name, image)
+        )
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, PLURAL, name, {"spec": spec}
+        )
+
+    def jobs(self, name: str) -> list[Any]:
+        selector = f"kubetune.io/job={name}"
+        return self.batch.list_namespaced_job(NAMESPACE, label_selector=selector).items
+
+    def pods(self, name: str) -> list[Any]:
+        selector = f"kubetune.io/job={name}"
+        return self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+
+    def wait(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never: {what}\noperator log:\n{self.operator.log_tail()}")
+            time.sleep(0.05)
+
+    def state(self, name: str) -> str | None:
+        return ((self.get(name) or {}).get("status") or {}).get("state")
+
+    def kill_at(self, verb: str, resource: str, n: int) -> Callable[[], None]:
+        """SIGKILL the operator when its ``n``-th ``verb resource`` request arrives (the
+        request is still served: its write lands, its answer is lost)."""
+        seen = 0
+        pid = self.operator.pid
+
+        def listener(entry: AuditEntry) -> None:
+            nonlocal seen
+            if entry.user == OPERATOR_USER and (entry.verb, entry.rbac_resource) == (
+                verb,
+                resource,
+            ):
+                seen += 1
+                if seen == n and pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+
+        return self.server.emulator.audit.listen(listener)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    emulator = make_emulator(forget_answered=True)  # thousands of requests: see the notes
+    with (
+        EmulatorServer(emulator) as server,
+        JobController(server.url),
+        Kubelet(server.url, tmp_path / "kubelet", max_grace_period=1, images=IMAGES),
+    ):
+        cluster = Cluster(server, tmp_path)
+        with cluster.operator:
+            yield cluster
+
+
+@dataclass
+class Trial:
+    number: int
+    point: str
+    detail: str
+    job: str
+    fired: bool = False  # the kill happened at its point (else at the trial's end)
+    seconds: float = 0.0  # from the trial's start to the operator's restart
+
+
+def _run_trial(cluster: Cluster, trial: Trial, rng: random.Random, flaky: bool) -> None:
+    operator = cluster.operator
+    started = time.monotonic()
+    stop_listening: Callable[[], None] = lambda: None  # noqa: E731
+    delay = None
+    if trial.point in ("create", "event", "status"):
+        verb, resource = {
+            "create": ("create", "jobs"),
+            "event": ("create", "events"),
+            "status": ("patch", "finetunejobs/status"),
+        }[trial.point]
+        n = rng.randint(1, (2 if flaky else 1) if trial.point == "create" else 3)
+        trial.detail = f"at {verb} {resource} #{n}"
+        stop_listening = cluster.kill_at(verb, resource, n)
+        cluster.apply(trial.job, "fake:flaky" if flaky else "fake:ok")
+    elif trial.point == "apply+delay":
+        delay = rng.uniform(0.0, 1.2)
+        trial.detail = f"{delay:.2f} s after apply"
+        cluster.apply(trial.job, "fake:flaky" if flaky else "fake:ok")
+    else:  # a running job deleted: kill at its Job's delete, or at a delay after it
+        cluster.apply(trial.job, "fake:sleep")
+        cluster.wait(f"{trial.job} Running", lambda: cluster.state(trial.job) == "Running", 30)
+        if trial.point == "delete":
+            trial.detail = "at delete jobs #1"
+            stop_listening = cluster.kill_at("delete", "jobs", 1)
+        else:
+            delay = rng.uniform(0.0, 0.6)
+            trial.detail = f"{delay:.2f} s after delete"
+        cluster.delete(trial.job)
+    try:
+        if delay is not None:
+            time.sleep(delay)
+        else:
+            deadline = time.monotonic() + TRIGGER_WAIT_S
+            while operator.alive and time.monotonic() < deadline:
+                time.sleep(0.01)
+        trial.fired = not operator.alive
+        operator.kill()
+    finally:
+        stop_listening()
+    operator.start()
+    trial.seconds = time.monotonic() - started
+
+
+def _status_history(cluster: Cluster) -> dict[str, list[dict[str, Any]]]:
+    """Each FineTuneJob's statuses as committed, oldest first (by uid)."""
+    changes = cluster.server.call(lambda: cluster.server.emulator.history(FTJ))
+    history: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for _, obj in changes:
+        status = obj.get("status") or {}
+        uid = obj["metadata"]["uid"]
+        if status and (not history[uid] or history[uid][-1] != status):
+            history[uid].append(status)
+    return history
+
+
+def _states(statuses: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (state, message) of each state change."""
+    changes: list[tuple[str, str]] = []
+    for status in statuses:
+        state = status.get("state")
+        if state and (not changes or changes[-1][0] != state):
+            changes.append((state, status.get("message") or ""))
+    return changes
+
+
+def test_operator_sigkilled_at_random_points_heals(cluster: Cluster) -> None:
+    rng = random.Random(SEED)
+    started = time.monotonic()
+    cluster.operator.start()
+    trials: list[Trial] = []
+    flaky: set[str] = set()
+    for number in range(TRIALS):
+        point = KILL_POINTS[number % len(KILL_POINTS)]
+        job = f"{'s' if point.startswith('delete') else 't'}{number:02d}"
+        trial = Trial(number, point, "", job)
+        is_flaky = not point.startswith("delete") and rng.random() < 0.5
+        if is_flaky:
+            flaky.add(job)
+        _run_trial(cluster, trial, rng, is_flaky)
+        trials.append(trial)
+    trials_s = time.monotonic() - started
+
+    applied = [t.job for t in trials if t.job.startswith("t")]
+    deleted = [t.job for t in trials if t.job.startswith("s")]
+    settle_started = time.monotonic()
+    cluster.wait(
+        "every applied job Succeeded",
+        lambda: all(cluster.state(job) == "Succeeded" for job in applied),
+        timeout=60,
+    )
+    cluster.wait(
+        "every deleted job gone with its Jobs and pods",
+        lambda: all(
+            cluster.get(job) is None and not cluster.jobs(job) and not cluster.pods(job)
+            for job in deleted
+        ),
+        timeout=30,
+    )
+    settle_s = time.monotonic() - settle_started
+
+    # Exactly the Jobs each job needs, each created once.
+    job_changes = cluster.server.call(lambda: cluster.server.emulator.history("batch/v1/jobs"))
+    created = Counter(obj["metadata"]["name"] for kind, obj in job_changes if kind == "ADDED")
+    assert max(created.values()) == 1, [name for name, n in created.items() if n > 1]
+    for job in applied:
+        body = cluster.get(job)
+        assert body is not None
+        status, meta = body["status"], body["metadata"]
+        expected = 2 if job in flaky else 1
+        attempt_jobs = sorted(cluster.jobs(job), key=lambda j: j.metadata.name)
+        names = [j.metadata.name for j in attempt_jobs]
+        assert names == [f"{job}-attempt-{i}" for i in range(1, expected + 1)], "\n".join(
+            map(
+                str,
+                [
+                    job,
+                    names,
+                    *_states(_status_history(cluster)[meta["uid"]]),
+                    *[
+                        e
+                        for e in cluster.server.emulator.audit.entries()
+                        if e.verb == "delete" and (e.name or "").startswith(job)
+                    ],
+                    [t for t in trials if t.job == job],
+                ],
+            )
+        )
+        assert status["attempts"] == expected, (job, status)
+        first_created = attempt_jobs[0].metadata.creation_timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert meta["creationTimestamp"] <= status["startTime"] <= first_created, (job, status)
+        assert status["completionTime"] >= status["startTime"]
+        assert status["observedGeneration"] == meta["generation"]
+        conditions = {c["type"]: c["status"] for c in status["conditions"]}
+        assert {conditions.get(t) for t in ("Accepted", "Succeeded", "Ready")} == {"True"}, (
+            job,
+            conditions,
+        )
+        assert conditions["Running"] == conditions["Reconciling"] == "False", (job, conditions)
+        assert status["artifact"]["uri"] == "s3://bucket/fake/adapter"
+
+    # Every state a status ever showed has its Event (posted before the status was).
+    events = cluster.core.list_namespaced_event(NAMESPACE).items
+    by_uid: dict[str, set[str]] = defaultdict(set)
+    for event in events:
+        by_uid[event.involved_object.uid].add(event.message)
+        assert event.action not in (None, "Action?"), event
+        assert event.reporting_component == REPORTING_CONTROLLER, event
+        assert event.reporting_instance not in (None, "", "dev"), event
+    transitions = 0
+    for uid, statuses in _status_history(cluster).items():
+        states = _states(statuses)
+        transitions += len(states)
+        for state, message in states:
+            assert message in by_uid[uid], f"no Event for {state}: {message!r} ({uid})"
+        names = [s for s, _ in states]
+        if "Retrying" in names:  # defect 11: holds until the next attempt runs (or ends)
+            after = names[names.index("Retrying") + 1 :]
+            assert after[:1] in (["Running"], ["Succeeded"]), names
+            retrying = dict(states)["Retrying"]
+            assert "StorageUnavailable" in retrying, retrying
+    retried = [
+        uid
+        for uid, statuses in _status_history(cluster).items()
+        if any(s.get("state") == "Retrying" for s in statuses)
+    ]
+    assert len(retried) == len(flaky)
+
+    fired = Counter(t.point for t in trials if t.fired)
+    print(
+        f"\n[operator faults] seed {SEED}: {len(trials)} SIGKILLs ({dict(fired)} at their "
+        f"point, the rest at the trial's end), {len(applied)} jobs applied "
+        f"({len(flaky)} retried once), {len(deleted)} deleted; Jobs created "
+        f"{sum(created.values())}, duplicates 0; {transitions} state changes, "
+        f"{len(events)} Events, none missing; trials {trials_s:.1f} s, settled in "
+        f"{settle_s:.1f} s; operator starts {cluster.operator.starts}"
+    )
+    for trial in trials:
+        print(
+            f"  trial {trial.number:2d} {trial.job} {trial.point:13s} {trial.detail} "
+            f"{'(fired)' if trial.fired else '(at the end)'} {trial.seconds:.1f} s"
+        )
