@@ -166,3 +166,27 @@ def test_validate_notes_what_a_cluster_also_needs(
     out = capsys.readouterr().out
     assert "is valid" in out
     assert "note: spec.output.uri: must be an s3:// URI on a cluster (got '/out')" in out
+
+
+def test_sweep_names_the_directory_it_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    template = {
+        "model": {"source": "hf://org/m"},
+        "dataset": {"sources": ["train.jsonl"]},
+        "output": {"uri": "/out"},
+    }
+    parameter = {"path": "method.lora.r", "type": "categorical", "values": [4, 8]}
+    sweep = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": "rel"},
+        "spec": {"template": template, "parameters": [parameter], "maxTrials": 2},
+    }
+    (project / "sweep.yaml").write_text(kubeyaml.dump(sweep))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "-f", "project/sweep.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"spec.template.dataset.sources[0]: train.jsonl not found in {project}" in err
