@@ -375,6 +375,7 @@ class _Builder:
         self.conditions: list[dict[str, Any]] = list(self.old.get("conditions") or [])
         self.decision = Decision(status=self.status)
         self.since = transition_origin(self.old)
+        self.current: FineTuneJob | None = None  # the spec, once parsed
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
         self.conditions = c.set_condition(
@@ -435,6 +436,27 @@ def reconcile(
     ``pods`` and Kueue's ``workloads`` for them (if read)."""
     b = _Builder(body, now or datetime.now(UTC))
     views = attempts_of(jobs, pods, workloads or ())
+    decision = _reconcile(b, views, body, image)
+    _owed_retry_event(b, views, decision)
+    return decision
+
+
+def _owed_retry_event(b: _Builder, views: list[AttemptView], decision: Decision) -> None:
+    """A retry the status never recorded (the operator died between creating the next
+    attempt's Job and writing Retrying, and that attempt has run since) still gets its
+    Warning Event, the same one it would have had."""
+    recorded = int(b.old.get("attempts") or 0)
+    if not views or views[-1].attempt <= recorded or decision.create_job is not None:
+        return
+    retried = _retried(b, views, b.current)
+    if retried is None:
+        return
+    event = Event("Warning", retried[0], retried[1], "RetryAttempt", b.since)
+    if event not in decision.events:
+        decision.events.insert(0, event)
+
+
+def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], image: str) -> Decision:
     latest = views[-1] if views else None
     attempts = max([v.attempt for v in views] + [int(b.old.get("attempts") or 0)])
     spec_field = body.get("spec")
@@ -461,6 +483,7 @@ def reconcile(
         problems = cluster_problems(current)
     except InvalidManifest as invalid:
         current, problems = None, invalid.problems
+    b.current = current
     message = "; ".join(str(p).replace("\n    hint:", " — hint:") for p in problems)
 
     if latest is not None and not latest.finished and not latest.deleting:

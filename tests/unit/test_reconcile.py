@@ -763,3 +763,27 @@ def test_the_same_transition_repeated_later_is_a_new_event() -> None:
         origins.append(decision.events[0].since)
         status = decision.status
     assert len(set(origins)) == 4
+
+
+def test_a_retry_the_status_never_recorded_still_gets_its_event() -> None:
+    """Killed right after creating attempt 2's Job; attempt 2 already trains when the
+    operator is back: the job is Running, and the retry's Warning Event (the one it would
+    have had) is still posted."""
+    failed, failed_pod = _failed_first_attempt()
+    retry = reconcile(_job(RUNNING), [failed], [failed_pod], image=IMAGE, now=NOW)
+    healed = reconcile(
+        _job(RUNNING),
+        [failed, _attempt(2)],
+        [failed_pod, _pod(2, "Running")],
+        image=IMAGE,
+        now=NOW,
+    )
+    assert healed.status["state"] == "Running" and healed.status["attempts"] == 2
+    assert healed.events == retry.events  # same reason, message and origin: one Event
+    recorded = reconcile(
+        _job({**RUNNING, "attempts": 2}),
+        [failed, _attempt(2)],
+        [failed_pod, _pod(2, "Running")],
+        image=IMAGE,
+    )
+    assert recorded.events == []  # once the status has the retry, nothing is owed
