@@ -84,7 +84,11 @@ def _yaml_error(path: str, text: str, error: yaml.YAMLError) -> ManifestFileErro
 def _read_bytes(path: str) -> bytes:
     try:
         if path == "-":
-            return sys.stdin.buffer.read(MAX_BYTES + 1)
+            stream = getattr(sys.stdin, "buffer", None)  # a text stream in some tests
+            if stream is None:
+                return sys.stdin.read(MAX_BYTES + 1).encode("utf-8", "surrogateescape")
+            data: bytes = stream.read(MAX_BYTES + 1)
+            return data
         with open(path, "rb") as file:
             return file.read(MAX_BYTES + 1)
     except OSError as error:
