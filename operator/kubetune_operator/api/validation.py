@@ -279,9 +279,12 @@ def parse_document(document: Any, model: type[M], kind: str) -> M:
         )
     if document.get("kind") != kind:
         problems.append(Problem("kind", f"must be {kind} (got {_show(document.get('kind'))})"))
+    # The API server drops a status written into a manifest (it is the operator's, set
+    # through the status subresource), so it is not checked here either.
+    body = {k: v for k, v in document.items() if k != "status"}
     try:
         parsed = model.model_validate(
-            {**document, "apiVersion": API_VERSION, "kind": kind}, strict=True
+            {**body, "apiVersion": API_VERSION, "kind": kind}, strict=True
         )
     except ValidationError as error:
         problems += problems_of(error, root=model)
