@@ -12,6 +12,9 @@
   (deadlines, missed events);
 - on delete (behind a finalizer): delete the attempt Jobs, which stops the trainer pods;
   artifacts are never touched;
+- a decision is applied in order: workloads (create, suspend, delete), then its Events
+  (posted here, named per transition: :mod:`~kubetune_operator.events`), then the status
+  patch that records them, so a crash anywhere is healed by the next reconcile;
 - every FineTuneSweep event and every event of one of its trials (FineTuneJobs labelled
   ``kubetune.io/sweep``) → :func:`~kubetune_operator.sweep.reconcile_sweep` for that
   sweep, plus a resync timer; deleting a sweep deletes its trials through their owner
