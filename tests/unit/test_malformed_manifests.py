@@ -485,6 +485,8 @@ def _unknown_fields(value: Any, schema: dict[str, Any], path: str = "") -> list[
     """Fields the schema does not declare: kubectl's default (strict) field validation
     rejects them."""
     unknown: list[str] = []
+    if path == ".metadata":
+        return []  # the API server checks ObjectMeta itself (labels, annotations, ...)
     if isinstance(value, dict) and "properties" in schema:
         if schema.get("x-kubernetes-preserve-unknown-fields"):
             return []
@@ -513,6 +515,9 @@ def crd_rejects(document: dict[str, Any]) -> bool:
     schema, validator = _schema(str(document.get("kind")))
     # A create through the main resource drops status (the status subresource owns it).
     document = {k: v for k, v in document.items() if k != "status"}
+    metadata = document.get("metadata")
+    if not isinstance(metadata, dict) or not metadata.get("name"):
+        return True  # ObjectMeta validation: a name is required (we write no generateName)
     if _unknown_fields(document, schema):
         return True
     if not validator.is_valid(document):
