@@ -94,7 +94,7 @@ def _metadata_schema(resource_model: Any) -> Schema:
     """metadata with the model's name constraints: a structural schema may restrict
     metadata.name (and only it and generateName; metadata itself takes nothing else), so the
     API server refuses the names the operator would. (Not a CEL rule: CEL's cost estimate
-    takes metadata.name as unbounded before Kubernetes 1.37.)"""
+    takes metadata.name as unbounded without kubernetes/kubernetes#139573.)"""
     meta = resource_model.model_fields["metadata"].annotation.model_json_schema()
     name = meta["properties"]["name"]
     return {
