@@ -145,7 +145,10 @@ def test_an_artifact_of_other_settings_is_refused_then_replaced_on_request(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    from kubetune_operator.cli import main as cli
+
     output = _copy(finished, tmp_path)
     before = _files(output)
     newer = _other_data(tiny_dataset, tmp_path)
@@ -163,34 +166,54 @@ def test_an_artifact_of_other_settings_is_refused_then_replaced_on_request(
         assert setting in error["message"]
     assert _files(output) == before  # not a byte changed
 
-    # spec.output.overwrite: trains from scratch (other settings' checkpoints removed).
+    # The same through kubetune train: refused, then --overwrite (spec.output.overwrite:
+    # true) trains from scratch and removes the other settings' checkpoints.
+    manifest = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "newer"},
+        "spec": {  # tiny_config's settings, but other data and learning rate
+            "model": {"source": str(tiny_model)},
+            "dataset": {"sources": [str(newer)], "format": "alpaca", "maxSeqLength": 128},
+            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": "0.0"}},
+            "training": {
+                "maxSteps": STEPS,
+                "batchSize": 8,
+                "gradientAccumulationSteps": 1,
+                "learningRate": "1e-3",
+                "scheduler": "constant",
+                "warmupPercent": 0,
+                "checkpointEverySteps": 4,
+            },
+            "output": {"uri": str(output)},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(manifest))  # JSON is YAML
     termination.unlink()
-    config = _config(
-        tiny_model,
-        newer,
-        output,
-        uid="uid-2",
-        training={"learning_rate": 1e-3},
-        output={"overwrite": True},
-    )
+    monkeypatch.delenv(TERMINATION_MESSAGE_ENV)
+    capsys.readouterr()
+    assert cli(["train", "-f", str(path)]) == ExitCode.CONFIG_INVALID
+    assert "spec.output.overwrite: true" in capsys.readouterr().err
+    assert _files(output) == before
     with caplog.at_level(logging.WARNING, logger="kubetune.trainer"):
-        assert execute(config) == ExitCode.OK
+        assert cli(["train", "-f", str(path), "--overwrite"]) == ExitCode.OK
     said = caplog.text
     assert "it will be replaced, as spec.output.overwrite is true" in said
     assert (
         f"checkpoint step-{STEPS} at {_checkpoint_uri(output, STEPS)} "
         "belongs to a run with other settings (data, training.learningRate); starting fresh"
     ) in said
-    manifest = json.loads((output / "adapter" / "manifest.json").read_text())
-    assert manifest["resumed_from_step"] is None and manifest["metrics"]["steps"] == STEPS
-    assert manifest["training"]["learning_rate"] == 1e-3
+    written = json.loads((output / "adapter" / "manifest.json").read_text())
+    assert written["resumed_from_step"] is None and written["metrics"]["steps"] == STEPS
+    assert written["training"]["learning_rate"] == 1e-3
     old = json.loads(finished[0].joinpath("adapter", "manifest.json").read_text())
-    assert manifest["run"]["fingerprint"] != old["run"]["fingerprint"]
+    assert written["run"]["fingerprint"] != old["run"]["fingerprint"]
     weights = "adapter_model.safetensors"
-    assert manifest["files"][weights]["sha256"] != old["files"][weights]["sha256"]
-    assert all(m["run"] == manifest["run"] for m in _markers(output).values())
+    assert written["files"][weights]["sha256"] != old["files"][weights]["sha256"]
+    assert all(m["run"] == written["run"] for m in _markers(output).values())
     assert sorted(_markers(output)) == [4, STEPS]
-    assert set(_files(output / "adapter")) == set(manifest["files"]) | {"manifest.json"}
+    assert set(_files(output / "adapter")) == set(written["files"]) | {"manifest.json"}
 
 
 def test_an_edited_job_resumes_its_own_checkpoint_and_says_what_changed(
@@ -215,33 +238,32 @@ def test_an_edited_job_resumes_its_own_checkpoint_and_says_what_changed(
     assert manifest["resumed_with_other_settings"] == ["training.learningRate"]
 
 
-def test_kubetune_train_overwrites_only_when_asked(
+def test_on_s3_a_published_run_is_reported_and_another_refused(
     finished: tuple[Path, RunResult],
     tiny_model: Path,
     tiny_dataset: Path,
-    tmp_path: Path,
+    seaweedfs,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from kubetune_operator.cli import main
+    from kubetune_trainer.storage import open_store
 
-    output = _copy(finished, tmp_path)
-    manifest = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "cli-job"},
-        "spec": {
-            "model": {"source": str(tiny_model)},
-            "dataset": {"sources": [str(tiny_dataset)], "maxSeqLength": 128},
-            "training": {"maxSteps": 1},
-            "output": {"uri": str(output)},
-        },
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(json.dumps(manifest))  # JSON is YAML
-    before = _files(output)
-    assert main(["train", "-f", str(path)]) == ExitCode.CONFIG_INVALID
-    assert "spec.output.overwrite: true" in capsys.readouterr().err
-    assert _files(output) == before
-    assert main(["train", "-f", str(path), "--overwrite"]) == ExitCode.OK
-    manifest_after = json.loads((output / "adapter" / "manifest.json").read_text())
-    assert manifest_after["metrics"]["steps"] == 1
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+    bucket = seaweedfs.create_bucket()
+    store = open_store(f"s3://{bucket}/out", endpoint_url=seaweedfs.endpoint_url)
+    store.upload_dir(finished[0], "")  # the finished run's checkpoints and artifact
+    keys = {key: store.get_bytes(key) for key in store.list("")}
+
+    def config(**training: float):
+        s3 = _config(tiny_model, tiny_dataset, Path("unused"), training=training)
+        output = s3.output.model_copy(
+            update={"uri": f"s3://{bucket}/out", "endpoint_url": seaweedfs.endpoint_url}
+        )
+        return s3.model_copy(update={"output": output})
+
+    assert execute(config()) == ExitCode.OK  # the same settings: reported, not trained
+    assert "nothing was trained again" in capsys.readouterr().out
+    assert execute(config(learning_rate=1e-3)) == ExitCode.CONFIG_INVALID
+    assert "training.learningRate" in capsys.readouterr().err
+    assert {key: store.get_bytes(key) for key in store.list("")} == keys

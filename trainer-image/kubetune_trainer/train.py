@@ -752,8 +752,7 @@ def _resumable(store: Store, identity: RunIdentity, state: ProgressState) -> Res
             delete_checkpoint(store, checkpoint)
     for note in notes:
         log.warning("%s", note)
-    if notes:
-        state.message = "; ".join(notes)
+    state.message = "; ".join(filter(None, [state.message, *notes]))
     return found
 
 
