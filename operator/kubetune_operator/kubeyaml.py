@@ -11,9 +11,11 @@ kubectl does and then as the JSON round trip leaves them:
   int64 (``3.0``) is the integer 3, as the API server reads the JSON;
 - booleans: ``true``/``false``, ``yes``/``no``, ``on``/``off`` and ``y``/``n`` (and their
   capitalized forms), keys included (``y: 1`` has the key ``"true"``); dates stay strings;
-- ``.inf`` and ``.nan`` are errors (JSON has no such numbers), and so are duplicate keys
-  (kubectl's strict field validation rejects them), recursive aliases and documents that
-  aliases expand beyond :data:`MAX_VALUES` values;
+- ``.inf`` and ``.nan`` are errors (JSON has no such numbers, kubectl refuses them too),
+  and so are recursive aliases and documents that aliases expand beyond
+  :data:`MAX_VALUES` values;
+- duplicate keys are errors naming the key and both lines. Here kubetune is stricter than
+  kubectl, which silently keeps the last (kubernetes/kubernetes#125885);
 - mapping keys become strings (``1: a`` has the key ``"1"``).
 
 :func:`dump` writes YAML with the same rules, quoting every string kubectl would read as

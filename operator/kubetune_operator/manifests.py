@@ -1,6 +1,7 @@
 """Read manifest files as kubectl does, with errors that name the file and the line.
 
-The YAML is read by :mod:`kubeyaml` (kubectl's scalar types, duplicate keys rejected).
+The YAML is read by :mod:`kubeyaml` (kubectl's scalar types; duplicate keys rejected,
+which kubectl does not do).
 The file must be UTF-8 (or UTF-16 with a byte-order mark, as kubectl accepts); binary
 files, undecodable bytes, exploding aliases, absurd nesting and sizes are reported as
 errors naming the file and the line, never as a traceback.

@@ -567,7 +567,8 @@ def _objects(case: Case) -> list[dict[str, Any]] | None:
     return objects if objects and all(isinstance(d, dict) for d in objects) else None
 
 
-# Malformed cases that reach the API server as objects (the rest kubectl refuses).
+# Malformed cases that reach the API server as objects. The rest kubectl refuses (YAML
+# errors, .inf) or kubeyaml refuses where kubectl keeps the last of duplicate keys.
 REACH_THE_SERVER = [c for c in CASES if c.crd and _objects(c) is not None]
 
 
