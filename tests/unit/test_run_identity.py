@@ -230,3 +230,28 @@ def test_the_operator_passes_overwrite_and_the_job_uid_to_the_trainer() -> None:
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     sent = TrainerConfig.from_json(env["KUBETUNE_CONFIG"])
     assert sent.job_uid == "uid-7" and sent.output.overwrite is True
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_after_training_lets_the_run_publish() -> None:
+    import os
+    import signal
+    import threading
+
+    from kubetune_trainer.errors import PreemptionSignal
+    from kubetune_trainer.main import _install_sigterm
+    from kubetune_trainer.progress import ProgressState
+
+    previous = signal.getsignal(signal.SIGTERM)
+    state, stop = ProgressState(phase="saving"), threading.Event()
+    try:
+        _install_sigterm(stop, state)
+        os.kill(os.getpid(), signal.SIGTERM)  # raises nothing: the artifact is uploading
+        state.phase = "preparing"
+        with pytest.raises(PreemptionSignal):  # before training: stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.is_set()
