@@ -619,3 +619,67 @@ def test_real_process_exits_cleanly(
     assert result.returncode == (1 if argv == ["validate"] else 2), result.stderr
     assert "Traceback" not in result.stderr
     assert names in result.stderr
+
+
+GUESSED = """\
+apiVersion: kubetune.io/v1
+kind: FineTuneJob
+metadata: {name: guessed}
+spec:
+  model: {source: hf://org/model}
+  dataset: {sources: [s3://bucket/data.jsonl], validationSplit: 0.1}
+  method: {type: full, lora: {r: "16"}}
+  training:
+    epochs: "3"
+    maxSteps: 10
+    learningRate: 2e-4
+    warmupRatio: 0.03
+    earlyStopping: {patience: 2}
+  backoffLimit: 3
+"""
+# What the hints of one round say to write.
+FIXED = """\
+apiVersion: kubetune.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: guessed}
+spec:
+  model: {source: hf://org/model}
+  dataset: {sources: [s3://bucket/data.jsonl], validation: {percent: 10}}
+  method: {type: full}
+  training:
+    epochs: 3
+    learningRate: "0.0002"
+    warmupPercent: 3
+    evalEverySteps: 50
+    earlyStopping: {patience: 2}
+  retryLimit: 3
+"""
+
+
+def test_a_guessed_manifest_takes_one_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every problem at once: header, types, renamed fields and the cross-field rules
+    that the values as written break (pydantic alone checks those only on round two)."""
+    assert main(["validate", "-f", str(_write(tmp_path, GUESSED))]) == 1
+    err = capsys.readouterr().err
+    reported = {
+        line.strip().split(": ")[0]
+        for line in err.splitlines()
+        if line.startswith("  ") and not line.startswith("      hint:")
+    }
+    assert reported == {
+        "apiVersion",
+        "spec.dataset.validationSplit",
+        "spec.method.lora",
+        "spec.method.lora.r",
+        "spec.training.epochs",
+        "spec.training.maxSteps",
+        "spec.training.learningRate",
+        "spec.training.warmupRatio",
+        "spec.training.earlyStopping",
+        "spec.backoffLimit",
+    }
+    for hint in ("percent: 10", "warmupPercent: 3", "retryLimit: 3", 'learningRate: "0.0002"'):
+        assert hint in err
+    assert main(["validate", "-f", str(_write(tmp_path, FIXED))]) == 0

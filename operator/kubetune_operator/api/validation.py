@@ -288,9 +288,49 @@ def parse_document(document: Any, model: type[M], kind: str) -> M:
         )
     except ValidationError as error:
         problems += problems_of(error, root=model)
+        # pydantic checks an object's cross-field rules only once its fields are valid;
+        # report the rules the values as written already break, so one round is enough.
+        seen = {(p.path, p.message) for p in problems}
+        problems += [
+            p for p in _rules_broken_as_written(model, body) if (p.path, p.message) not in seen
+        ]
     if problems:
         raise InvalidManifest(problems)
     return parsed
+
+
+def _rules_broken_as_written(model: type[BaseModel], raw: Any, path: str = "") -> list[Problem]:
+    """The cross-field rules of ``model`` and its nested models that the raw values break,
+    as far as they can be evaluated on them (a rule that fails on a wrongly typed value is
+    left to the second round)."""
+    if not isinstance(raw, dict):
+        return []
+    problems: list[Problem] = []
+    known = {k: v for k, v in raw.items() if k in model.model_fields}
+    rules: tuple[Rule, ...] = getattr(model, "rules", ())
+    if rules:
+        try:
+            constructed = model.model_construct(**known)
+        except Exception:  # defaults that cannot be built from these values
+            constructed = None
+        for rule in rules if constructed is not None else ():
+            try:
+                holds = bool(rule.holds(constructed))
+            except Exception:  # a wrongly typed value: reported as such already
+                continue
+            if not holds:
+                problems.append(Problem(path + (rule.field_path or ""), rule.message))
+    for name, value in known.items():
+        nested = _first_model(model.model_fields[name].annotation)
+        if nested is None:
+            continue
+        at = f"{path}.{name}" if path else name
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                problems += _rules_broken_as_written(nested, item, f"{at}[{i}]")
+        else:
+            problems += _rules_broken_as_written(nested, value, at)
+    return problems
 
 
 def parse_manifest(document: Any) -> FineTuneJob:
