@@ -124,7 +124,14 @@ def _read_one(filename: str, kind: str, parse: Callable[[Any], T]) -> tuple[T, D
                 f"{filename}: expected one {kind}, found {len(documents)} documents; "
                 "put each in its own file"
             )
-        return parse(documents[0].body), documents[0]
+        body = documents[0].body
+        commands = {KIND: "kubetune train", SWEEP_KIND: "kubetune sweep"}
+        if isinstance(body, dict) and body.get("kind") != kind and body.get("kind") in commands:
+            raise ManifestFileError(
+                f"{filename}: a {body['kind']}, not a {kind}; run it with "
+                f"{commands[body['kind']]} -f {filename}"
+            )
+        return parse(body), documents[0]
     except ManifestFileError as error:
         print(f"✗ {error}", file=sys.stderr)
     except InvalidManifest as invalid:

@@ -190,3 +190,17 @@ def test_sweep_names_the_directory_it_searched(
     assert main(["sweep", "-f", "project/sweep.yaml"]) == 2
     err = capsys.readouterr().err
     assert f"spec.template.dataset.sources[0]: train.jsonl not found in {project}" in err
+
+
+@pytest.mark.parametrize(
+    ("command", "example", "other"),
+    [
+        ("train", "examples/sweeps/tiny-local.yaml", "kubetune sweep"),
+        ("sweep", "examples/tiny-local.yaml", "kubetune train"),
+    ],
+)
+def test_the_wrong_command_names_the_right_one(
+    command: str, example: str, other: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "-f", str(ROOT / example)]) == 2
+    assert f"run it with {other} -f" in capsys.readouterr().err
