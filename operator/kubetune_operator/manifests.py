@@ -79,6 +79,9 @@ def _yaml_error(path: str, text: str, error: yaml.YAMLError) -> ManifestFileErro
         )
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     problem = getattr(error, "problem", None) or str(error)
+    if isinstance(error, yaml.scanner.ScannerError | yaml.parser.ParserError):
+        # PyYAML's words for a syntax slip; say what usually causes it.
+        problem += " (check the indentation, quotes and brackets on and above that line)"
     return ManifestFileError(f"{path}: not valid YAML{where}: {problem}")
 
 
