@@ -1,8 +1,15 @@
-"""Check a FineTuneJob manifest exactly as the operator will, with messages people can act on.
+"""Check a manifest (FineTuneJob, FineTuneSweep) as strictly as the CRD, with messages
+people can act on. The operator, ``kubetune validate``, ``train`` and ``sweep`` all parse
+with :func:`parse_document`.
 
-Every problem names the field path the way ``kubectl explain`` does
-(``spec.method.lora.r``), says what is wrong and what was given, and adds a hint: the
-field's own documentation, or the closest known field name for a typo.
+Parsing is pydantic's strict mode over the values as kubectl sends them (see kubeyaml):
+``"16"`` is not 16 and ``"true"`` not true, as for the API server. Every problem names the
+field path the way ``kubectl explain`` does (``spec.method.lora.r``), says what is wrong
+and what was given, and adds a hint: how to write the value (quote a decimal, unquote a
+number), our name for a field another tool names differently (api.renames), where a
+misplaced field goes, the closest field name for a typo, or the field's documentation.
+A broken cross-field rule is reported at the field to change (its ``field_path``), in
+the same round as the type errors.
 """
 
 from __future__ import annotations
