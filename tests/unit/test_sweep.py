@@ -286,7 +286,8 @@ def test_invalid_sweep_is_marked_invalid_and_creates_nothing() -> None:
     assert (
         "spec.parameters[1].path: 'method.lora.rank' is not a field" in decision.status["message"]
     )
-    assert [e.reason for e in decision.events] == ["InvalidSpec"]
+    assert [(e.reason, e.action) for e in decision.events] == [("InvalidSpec", "ValidateSpec")]
+    assert decision.events[0].since  # names the Event: one across operator restarts
     body = _body()
     body["spec"]["template"]["output"]["uri"] = "/tmp/local"
     status = reconcile_sweep(body, [], now=NOW).status
