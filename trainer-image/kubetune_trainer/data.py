@@ -290,7 +290,7 @@ def _read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
                 line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as error:
                 not_text.append(number)
-                first_text = first_text or f"line {number}: {_undecodable(error)}"
+                first_text = first_text or _undecodable(error)
                 continue
             if not line.strip():
                 continue
@@ -298,21 +298,24 @@ def _read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
                 value = json.loads(line)
             except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
                 not_json.append(number)
-                first_json = first_json or f"line {number}: {_json_problem(error)}"
+                first_json = first_json or _json_problem(error)
                 continue
             yield number, value
     if not_text:
-        problems.add(
-            f"{_where('line', not_text)} of {path.name} {_be(not_text)} not UTF-8 text "
-            f"({first_text})",
-            hint=NOT_UTF8_HINT,
-        )
+        problems.add(_bad_lines(not_text, path.name, "not UTF-8 text", first_text), NOT_UTF8_HINT)
     if not_json:
-        detail = first_json.split(": ", 1)[1] if len(not_json) == 1 else first_json
         problems.add(
-            f"{_where('line', not_json)} of {path.name} {_be(not_json)} not valid JSON: {detail}",
+            _bad_lines(not_json, path.name, "not valid JSON", first_json),
             hint="JSONL files need one JSON object per line",
         )
+
+
+def _bad_lines(numbers: Sequence[int], name: str, what: str, detail: str) -> str:
+    """``line 3 of a.jsonl is WHAT: DETAIL``, or for several lines
+    ``lines 3, 7 of a.jsonl are WHAT (line 3: DETAIL)`` (the first line's detail)."""
+    if len(numbers) == 1:
+        return f"line {numbers[0]} of {name} is {what}: {detail}"
+    return f"{_where('line', numbers)} of {name} are {what} (line {numbers[0]}: {detail})"
 
 
 def _be(numbers: Sequence[int]) -> str:
@@ -374,7 +377,7 @@ def _read_csv(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
                     yield raw.decode("utf-8-sig")
                 except UnicodeDecodeError as error:
                     not_text.append(number)
-                    first_text = first_text or f"line {number}: {_undecodable(error)}"
+                    first_text = first_text or _undecodable(error)
                     yield raw.decode("utf-8", errors="replace")
 
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
@@ -398,11 +401,7 @@ def _read_csv(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
             hint="quote cells that contain commas, or add the missing column names to the header",
         )
     if not_text:
-        problems.add(
-            f"{_where('line', not_text)} of {path.name} {_be(not_text)} not UTF-8 text "
-            f"({first_text})",
-            hint=NOT_UTF8_HINT,
-        )
+        problems.add(_bad_lines(not_text, path.name, "not UTF-8 text", first_text), NOT_UTF8_HINT)
 
 
 def _read_parquet(path: Path, problems: Problems) -> Iterator[tuple[int, Any]]:
