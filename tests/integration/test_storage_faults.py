@@ -177,7 +177,7 @@ def test_trainer_rides_out_storage_outages_mid_checkpoint_and_mid_publish(
         tiny_model,
         tiny_dataset,
         f"s3://{bucket}/{JOB}",
-        training={"max_steps": 40, "checkpoint_every_steps": 4},
+        training={"max_steps": 24, "checkpoint_every_steps": 4},
         output={"endpoint_url": server.endpoint_url},
         reporting={"progress_port": port},
     )
