@@ -367,11 +367,11 @@ def test_transient_failures_are_retried_until_the_patience_is_spent(
     settings = S3Settings(max_attempts=2, connect_timeout=1, read_timeout=2, retry_seconds=3)
     store = open_store("s3://bucket/run", endpoint_url=overloaded, settings=settings)
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="kubetune_trainer.storage"):
-        with pytest.raises(
-            StorageUnavailable, match=r"gave up after \d+ tries over \d+ s"
-        ) as raised:
-            store.put_bytes("k", b"data")
+    with (
+        caplog.at_level("WARNING", logger="kubetune_trainer.storage"),
+        pytest.raises(StorageUnavailable, match=r"gave up after \d+ tries over \d+ s") as raised,
+    ):
+        store.put_bytes("k", b"data")
     assert time.monotonic() - started >= 3
     error = raised.value
     assert error.exit_code == ExitCode.STORAGE_UNAVAILABLE
