@@ -84,3 +84,20 @@ def test_recent_evaluations_are_kept_for_the_poller() -> None:
         and state.eval_loss == state.evaluations[max(state.evaluations)]
     )
     assert json.loads(json.dumps(state.as_json()))["evaluations"]["50"] == state.evaluations[50]
+
+
+def test_a_poller_that_gives_up_leaves_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    import socket
+    import struct
+
+    from kubetune_trainer.progress import ProgressServer
+
+    with ProgressServer(ProgressState(), 0, host="127.0.0.1") as server:
+        for _ in range(10):  # each resets the connection before the answer (a timeout)
+            with socket.create_connection(server.address) as client:
+                client.sendall(b"GET /progress HTTP/1.1\r\nHost: trainer\r\n\r\n")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with socket.create_connection(server.address) as client:  # still serving
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: trainer\r\n\r\n")
+            assert client.recv(1024).startswith(b"HTTP/1.0 200")
+    assert "Traceback" not in capfd.readouterr().err

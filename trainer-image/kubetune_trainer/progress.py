@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -143,6 +144,19 @@ class MetricsExporter:
         return generate_latest(self.registry)
 
 
+class _PollServer(ThreadingHTTPServer):
+    """A threading HTTP server that stays quiet when a poller gives up: a client that
+    timed out and reset the connection (the trainer is busy tokenizing, say) is not the
+    trainer's failure, and socketserver would print a traceback into the pod log."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            return
+        super().handle_error(request, client_address)
+
+
 class ProgressServer:
     """Serves /progress and /metrics for the operator to poll."""
 
@@ -170,8 +184,7 @@ class ProgressServer:
                 return
 
         bind = host or os.environ.get("POD_IP") or "0.0.0.0"
-        self._server = ThreadingHTTPServer((bind, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _PollServer((bind, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
