@@ -385,6 +385,42 @@ def test_transient_failures_are_retried_until_the_patience_is_spent(
     assert s3_env.secret_key not in caplog.text and s3_env.access_key not in caplog.text
 
 
+class _CutOff(BaseHTTPRequestHandler):
+    """An S3 endpoint whose first GET breaks off mid-body; later ones are whole."""
+
+    gets = 0
+    body = b"0123456789" * 1000
+
+    def do_GET(self) -> None:
+        type(self).gets += 1
+        whole = type(self).gets > 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body if whole else self.body[:1000])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_body_cut_off_mid_read_is_read_again(s3_env: SeaweedFS) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CutOff)
+    _CutOff.gets = 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        settings = S3Settings(max_attempts=1, connect_timeout=1, read_timeout=2, retry_seconds=5)
+        store = open_store("s3://bucket/run", endpoint_url=endpoint, settings=settings)
+        assert store.get_bytes("k") == _CutOff.body
+        assert _CutOff.gets == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_permanent_failures_are_not_retried(
     s3_env: SeaweedFS, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
 )
@@ -518,8 +519,8 @@ def _translate(error: BaseException, where: _Where) -> TrainerError | None:
             f"no S3 credentials found for bucket {where.bucket!r} at {where.endpoint}",
             hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (from the storage Secret)",
         )
-    if isinstance(error, BotoConnectionError | HTTPClientError):
-        return _unavailable(where, type(error).__name__)
+    if isinstance(error, BotoConnectionError | HTTPClientError | IncompleteReadError):
+        return _unavailable(where, type(error).__name__)  # incl. a body cut off mid-read
     if isinstance(error, ClientError):
         code = str(error.response.get("Error", {}).get("Code", ""))
         return _from_code(code, _status(error), where)
