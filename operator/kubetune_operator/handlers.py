@@ -166,6 +166,10 @@ class Reconciler:
         if patch:
             self.api.patch_job_status(namespace, name, patch)
             self._written.add(key)
+            # Counted once written: the next reconcile reads it back as its ``old``.
+            self.metrics.observe_gpu_seconds(
+                namespace, old.get("gpuSeconds"), patch.get("gpuSeconds")
+            )
         self._status[key] = {**old, **patch}
         self.metrics.observe_state(namespace, name, decision.status.get("state"))
         self.metrics.observe_status(namespace, name, decision.status)

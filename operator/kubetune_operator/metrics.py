@@ -33,6 +33,18 @@ class OperatorMetrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        # Per namespace only (no per-job label: bounded cardinality). It counts the
+        # GPU-seconds this operator process saw added to jobs' status.gpuSeconds: each
+        # increase is counted by the process that wrote it (the delta from the status it
+        # read), so a restarted operator does not count again what an earlier one counted
+        # into status; the counter starts at 0 with each process, which rate()/increase()
+        # treat as a counter reset.
+        self.gpu_seconds = Counter(
+            "kubetune_gpu_seconds",
+            "GPU-seconds held by FineTuneJob pods (status.gpuSeconds increases), by namespace",
+            ["namespace"],
+            registry=r,
+        )
         self.api_errors = Counter(
             "kubetune_api_errors", "Failed Kubernetes API calls", ["operation"], registry=r
         )
@@ -96,6 +108,13 @@ class OperatorMetrics:
         ):
             if metrics.get(key) is not None:
                 gauge.labels(namespace, name).set(metrics[key])
+
+    def observe_gpu_seconds(self, namespace: str, before: Any, after: Any) -> None:
+        """Count a job's status.gpuSeconds growing from ``before`` to ``after`` (as read
+        and as written); a value that did not grow counts nothing."""
+        grown = int(after or 0) - int(before or 0)
+        if grown > 0:
+            self.gpu_seconds.labels(namespace=namespace).inc(grown)
 
     def forget(self, namespace: str, name: str) -> None:
         """Drop a deleted job's series."""

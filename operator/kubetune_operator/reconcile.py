@@ -38,6 +38,7 @@ from typing import Any
 from kubetune_trainer.errors import ExitCode
 
 from . import conditions as c
+from .accounting import account, earlier_attempts_seconds, gpu_status
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .api.validation import InvalidManifest, Problem, parse_manifest
 from .progress import tracking_status
@@ -436,6 +437,9 @@ def reconcile(
     ``pods`` and Kueue's ``workloads`` for them (if read)."""
     b = _Builder(body, now or datetime.now(UTC))
     views = attempts_of(jobs, pods, workloads or ())
+    usage = account(b.old, jobs, pods, b.now)  # in every state: stopping pods still count
+    if usage or b.old.get("gpuSeconds") is not None:
+        b.status.update(gpu_status(usage))
     decision = _reconcile(b, views, body, image)
     _owed_retry_event(b, views, decision)
     return decision
@@ -713,6 +717,7 @@ def _start_attempt(
         labels=labels,
         deadline_seconds=int(deadline - elapsed) if deadline else None,
         started_spec=started_spec,
+        gpu_seconds_before=earlier_attempts_seconds(b.status, attempt),
     )
     b.decision.create_job = job
     b.decision.create_service = rank_service(run_job, uid=b.uid)

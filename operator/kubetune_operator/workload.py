@@ -27,10 +27,11 @@ here is pure: a FineTuneJob in, manifests (dicts) out.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from kubetune_trainer.config import ReportingConfig
+from kubetune_trainer.config import GPU_ACCOUNTING_ENV, ReportingConfig
 
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .translate import (
@@ -185,7 +186,9 @@ def command(job: FineTuneJob) -> list[str]:
     return ["torchrun", "--module", "kubetune_trainer"]
 
 
-def _pod_spec(job: FineTuneJob, attempt: int, image: str, uid: str) -> dict[str, Any]:
+def _pod_spec(
+    job: FineTuneJob, attempt: int, image: str, uid: str, gpu_seconds_before: int | None = None
+) -> dict[str, Any]:
     config = trainer_config(
         job,
         reporting=ReportingConfig(progress_port=PROGRESS_PORT, progress_bar=False, loss_plot=True),
@@ -196,6 +199,13 @@ def _pod_spec(job: FineTuneJob, attempt: int, image: str, uid: str) -> dict[str,
     ports = [{"name": "progress", "containerPort": PROGRESS_PORT}]
     if job.spec.world_size > 1:
         env += _rank_env(job, attempt)
+    if gpu_seconds_before is not None:  # for the artifact's manifest (GPU time at publish)
+        accounting = {
+            "earlierAttemptsGpuSeconds": gpu_seconds_before,
+            "gpusPerPod": res.gpus,
+            "pods": res.nodes,
+        }
+        env.append({"name": GPU_ACCOUNTING_ENV, "value": json.dumps(accounting)})
     if res.nodes > 1:
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
     spec: dict[str, Any] = {
@@ -260,6 +270,7 @@ def attempt_job(
     labels: Mapping[str, str] | None = None,
     deadline_seconds: int | None = None,
     started_spec: str | None = None,
+    gpu_seconds_before: int | None = None,
 ) -> dict[str, Any]:
     """The Indexed Job of one attempt of ``job``.
 
@@ -267,6 +278,8 @@ def attempt_job(
     the Job is created suspended for Kueue to admit (the operator never un-suspends it,
     and never edits its template: Kueue injects node selectors on admission).
     ``started_spec`` (the spec the attempt runs with, as JSON) is kept as an annotation.
+    ``gpu_seconds_before`` (the earlier attempts' GPU-seconds) reaches the trainer as
+    ``$KUBETUNE_GPU_ACCOUNTING``, for the GPU time its artifact's manifest records.
     """
     name = job.metadata.name
     nodes = job.spec.resources.nodes
@@ -281,7 +294,7 @@ def attempt_job(
         "suspend": QUEUE_LABEL in queue,
         "template": {
             "metadata": {"labels": pod_labels},
-            "spec": _pod_spec(job, attempt, image, uid),
+            "spec": _pod_spec(job, attempt, image, uid, gpu_seconds_before),
         },
     }
     if deadline_seconds is not None:

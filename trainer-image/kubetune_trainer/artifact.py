@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__
-from .config import Method
+from .config import GPU_ACCOUNTING_ENV, Method
 from .errors import ConfigInvalid
 from .fingerprint import RunIdentity
 from .storage import Store
@@ -136,6 +137,32 @@ def present_files(store: Store, key_prefix: str) -> set[str]:
     """The names of the files under ``key_prefix``, relative to it."""
     start = len(key_prefix) + 1
     return {key[start:] for key in store.list(f"{key_prefix}/")}
+
+
+def gpu_time_at_publish(
+    env: Mapping[str, str], started: float, now: float
+) -> dict[str, Any] | None:
+    """The GPU time the trainer can know of when it writes the manifest: the earlier
+    attempts' GPU-seconds as the operator counted them when it created this attempt
+    (``$KUBETUNE_GPU_ACCOUNTING``), plus GPUs × pods × the seconds since this trainer
+    process ``started``. A lower bound of the final figure (image pull, the upload after
+    the manifest and earlier preemptions of this attempt are not in it); the FineTuneJob's
+    ``status.gpuSeconds`` is the account. None where the operator did not set it."""
+    try:
+        told = json.loads(env.get(GPU_ACCOUNTING_ENV) or "null")
+        earlier = int(told["earlierAttemptsGpuSeconds"])
+        gpus, pods = int(told["gpusPerPod"]), int(told["pods"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    this_attempt = gpus * pods * max(0, int(now - started))
+    return {
+        "gpu_seconds": earlier + this_attempt,
+        "earlier_attempts_gpu_seconds": earlier,
+        "this_attempt_gpu_seconds_so_far": this_attempt,
+        "gpus_per_pod": gpus,
+        "pods": pods,
+        "note": "at publish, a lower bound; the FineTuneJob's status.gpuSeconds is the account",
+    }
 
 
 def write_manifest(directory: Path, details: dict[str, Any]) -> Path:

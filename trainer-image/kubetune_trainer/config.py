@@ -21,6 +21,10 @@ DistributedStrategy = Literal["auto", "ddp", "fsdp"]
 FsdpSharding = Literal["full", "hybrid"]
 ResolvedStrategy = Literal["single", "ddp", "fsdp"]
 
+# JSON the operator sets on a cluster's trainer pods: {"earlierAttemptsGpuSeconds",
+# "gpusPerPod", "pods"}; the artifact's manifest records GPU time from it (artifact.py).
+GPU_ACCOUNTING_ENV = "KUBETUNE_GPU_ACCOUNTING"
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

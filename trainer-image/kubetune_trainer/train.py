@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from .artifact import (
     artifact_folder,
     check_existing,
     existing_artifact,
+    gpu_time_at_publish,
     present_files,
     publish,
     read_manifest,
@@ -801,6 +803,9 @@ def _publish(
         details["rows_per_device_step"] = state.rows_per_device_step
         details["time_to_first_step"] = dict(state.time_to_first_step)
         details["fast_paths"] = list(state.fast_paths)
+    gpu_time = gpu_time_at_publish(os.environ, process_start_time(), time.time())
+    if gpu_time is not None:  # set by the operator on a cluster
+        details["gpu_time_at_publish"] = gpu_time
     write_manifest(artifact_dir, details)
     return publish(artifact_dir, store, artifact_folder(config.method.type))
 

@@ -170,6 +170,13 @@ def crd() -> Schema:
             "description": "Trainer processes (nodes × processes per node)",
             "priority": 1,
         },
+        {
+            "name": "GPU-Hours",
+            "type": "number",
+            "jsonPath": ".status.gpuHours",
+            "description": "GPU-hours held by the job's pods, all attempts (status.gpuSeconds)",
+            "priority": 1,
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return _crd_of(KIND, PLURAL, SINGULAR, SHORT_NAMES, columns, openapi_schema())

@@ -810,6 +810,29 @@ class TrackingStatus(ApiModel):
     )
 
 
+class AttemptGpuUsage(ApiModel):
+    """GPU-seconds of one attempt, kept in status so that deleted pods still count."""
+
+    attempt: int = Field(ge=1, description="The attempt (its Job's kubetune.io/attempt label).")
+    gpusPerPod: int = Field(
+        ge=0, description="GPUs each of its pods held (the attempt's spec.resources.gpus)."
+    )
+    gpuSeconds: int = Field(
+        ge=0, description="GPUs × seconds its pods held them: from status.startTime to finishedAt."
+    )
+    final: bool = Field(
+        default=False,
+        description="Its Job has finished and all its pods have stopped: the figure is final.",
+    )
+    pods: dict[str, int] | None = Field(
+        default=None,
+        description=(
+            "GPU-seconds counted per pod (by name) while the attempt runs; a pod deleted "
+            "later keeps its figure here. Dropped once final."
+        ),
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator observed. Written only by the operator."""
 
@@ -835,6 +858,21 @@ class FineTuneJobStatus(ApiModel):
     artifact: Artifact | None = Field(default=None, description="The finished adapter.")
     tracking: TrackingStatus | None = Field(
         default=None, description="Experiment tracking: the MLflow run and TensorBoard files."
+    )
+    gpuSeconds: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "GPU-seconds held by the job's pods, all attempts together: per pod, GPUs × "
+            "seconds from the pod's status.startTime to its container's finishedAt (now, "
+            "while it runs). Never decreases."
+        ),
+    )
+    gpuHours: float | None = Field(
+        default=None, ge=0, description="gpuSeconds / 3600, rounded to 0.01 (for kubectl get)."
+    )
+    gpuUsage: list[AttemptGpuUsage] | None = Field(
+        default=None, description="GPU-seconds per attempt (their sum is gpuSeconds)."
     )
     message: str | None = Field(default=None, description="Human-readable summary.")
 
