@@ -31,10 +31,12 @@ def test_operator_metrics_pass_promtool() -> None:
         "ns", "job", {"progress": {"step": 1, "totalSteps": 4}, "metrics": {"trainLoss": 2.0}}
     )
     metrics.api_errors.labels("create_pod").inc()
+    metrics.observe_gpu_seconds("ns", 100, 160)
     with metrics.reconcile_seconds.time():
         pass
     exposition = generate_latest(metrics.registry)
     assert b"kubetune_reconcile_duration_seconds_bucket" in exposition
+    assert b'kubetune_gpu_seconds_total{namespace="ns"} 60.0' in exposition
     assert _promtool_check(exposition) == ""
 
 

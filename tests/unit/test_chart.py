@@ -543,6 +543,7 @@ def _exported_metric_names() -> set[str]:
         },
     )
     metrics.api_errors.labels("create_pod").inc()
+    metrics.observe_gpu_seconds("ns", 0, 60)
     with metrics.reconcile_seconds.time():
         pass
     names = {s.name for family in metrics.registry.collect() for s in family.samples}
@@ -579,6 +580,7 @@ def test_alerts_and_dashboard_use_only_exported_metrics(custom: list[dict[str, A
         "kubetune_job_eval_loss",
         "kubetune_job_tokens_per_second",
         "kubetune_api_errors_total",
+        "kubetune_gpu_seconds_total",
     ):
         assert name in used
 
@@ -753,6 +755,10 @@ def test_dashboard_has_the_panels(custom: list[dict[str, Any]]) -> None:
     assert "/ 60" in gpu["targets"][0]["expr"]
     for words in ("GPU-minutes", "kube-state-metrics", "Running"):
         assert words in gpu["description"]
+    # The operator's own accounting, per namespace (no per-job label on the counter).
+    accounting = panels["GPU-hours by namespace (kubetune accounting)"]["targets"][0]["expr"]
+    assert "sum by (namespace) (increase(kubetune_gpu_seconds_total" in accounting
+    assert accounting.endswith("/ 3600")
 
 
 GRAFANA_VARIABLES = {
