@@ -51,6 +51,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune_operator.api.types import GROUP, PLURAL, VERSION
 from kubetune_operator.events import REPORTING_CONTROLLER
+from kubetune_operator.workload import service_name
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +69,7 @@ KILL_POINTS = ("create", "event", "status", "apply+delay", "delete", "delete+del
 FTJ = f"{GROUP}/{VERSION}/{PLURAL}"
 
 
-def manifest(name: str, image: str) -> dict[str, Any]:
+def manifest(name: str, image: str, nodes: int = 1) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
@@ -81,6 +82,7 @@ def manifest(name: str, image: str) -> dict[str, Any]:
             "training": {"maxSteps": 4, "batchSize": 2},
             "output": {"uri": f"s3://bucket/jobs/{name}"},
             "retryLimit": 2,
+            "resources": {"nodes": nodes},  # 2: an Indexed Job of 2 pods and a Service
         },
     }
 
@@ -104,9 +106,9 @@ class Cluster:
         )
         self.started_at = 0  # the operator's audit entries before its latest start
 
-    def apply(self, name: str, image: str) -> None:
+    def apply(self, name: str, image: str, nodes: int = 1) -> None:
         self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, NAMESPACE, PLURAL, manifest(name, image)
+            GROUP, VERSION, NAMESPACE, PLURAL, manifest(name, image, nodes)
         )
 
     def get(self, name: str) -> dict[str, Any] | None:
@@ -197,6 +199,7 @@ class Trial:
     job: str
     fired: bool = False  # the kill happened at its point (else at the trial's end)
     seconds: float = 0.0  # from the trial's start to the operator's restart
+    nodes: int = 1
 
 
 def _run_trial(cluster: Cluster, trial: Trial, rng: random.Random, flaky: bool) -> None:
@@ -221,9 +224,12 @@ def _run_trial(cluster: Cluster, trial: Trial, rng: random.Random, flaky: bool) 
             if trial.point == "create"
             else rng.randint(1, 3 if flaky else 2)
         )
+        if trial.point == "create" and (trial.number // len(KILL_POINTS)) % 2 == 0:
+            # two nodes: the rendezvous Service is created before the Job
+            trial.nodes, resource = 2, "services"
         trial.detail = f"at {verb} {resource} #{n}"
         stop_listening = cluster.kill_at(verb, resource, n)
-        cluster.apply(trial.job, "fake:flaky" if flaky else "fake:ok")
+        cluster.apply(trial.job, "fake:flaky" if flaky else "fake:ok", trial.nodes)
     elif trial.point == "apply+delay":
         delay = rng.uniform(0.0, 1.2)
         trial.detail = f"{delay:.2f} s after apply"
@@ -310,10 +316,14 @@ def test_operator_sigkilled_at_random_points_heals(cluster: Cluster) -> None:
     )
     settle_s = time.monotonic() - settle_started
 
-    # Exactly the Jobs each job needs, each created once.
+    # Exactly the Jobs (and rendezvous Services) each job needs, each created once.
     job_changes = cluster.server.call(lambda: cluster.server.emulator.history("batch/v1/jobs"))
     created = Counter(obj["metadata"]["name"] for kind, obj in job_changes if kind == "ADDED")
     assert max(created.values()) == 1, [name for name, n in created.items() if n > 1]
+    services = cluster.server.call(lambda: cluster.server.emulator.history("v1/services"))
+    services_created = Counter(o["metadata"]["name"] for kind, o in services if kind == "ADDED")
+    two_nodes = {t.job for t in trials if t.nodes == 2}
+    assert sorted(services_created.elements()) == sorted(service_name(j) for j in two_nodes)
     for job in applied:
         body = cluster.get(job)
         assert body is not None
@@ -349,6 +359,8 @@ def test_operator_sigkilled_at_random_points_heals(cluster: Cluster) -> None:
         )
         assert conditions["Running"] == conditions["Reconciling"] == "False", (job, conditions)
         assert status["artifact"]["uri"] == "s3://bucket/fake/adapter"
+        nodes = 2 if job in two_nodes else 1
+        assert [j.spec.completions for j in attempt_jobs] == [nodes] * expected
 
     # Every state a status ever showed has its Event (posted before the status was).
     events = cluster.core.list_namespaced_event(NAMESPACE).items
@@ -390,6 +402,7 @@ def test_operator_sigkilled_at_random_points_heals(cluster: Cluster) -> None:
     print(
         f"\n[operator faults] seed {SEED}: {len(trials)} SIGKILLs: {dict(fired)} at a request, "
         f"{delayed} at a random delay, {late} when a point was not reached; "
+        f"{len(two_nodes)} two-node jobs (Services created {len(services_created)}); "
         f"{len(applied)} jobs applied ({len(flaky)} retried once, {shown_retrying} shown as "
         f"Retrying), {len(deleted)} deleted; Jobs created {sum(created.values())}, "
         f"duplicates 0; {transitions} state changes, {len(events)} Events, none missing; "
