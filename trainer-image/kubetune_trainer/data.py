@@ -453,12 +453,12 @@ def detect_format(rows: Sequence[Mapping[str, Any]], fields: FieldMapping, name:
         f"{fmt}: {', '.join(_column(fields, key) for key in keys)}"
         for fmt, keys in FORMAT_KEYS.items()
     )
-    keys = sorted(map(str, seen))
-    shown = ", ".join(_clip(key, 30) for key in keys[:MAX_KEYS_SHOWN])
-    more = ", ..." if len(keys) > MAX_KEYS_SHOWN else ""
+    found = sorted(map(str, seen))
+    shown = ", ".join(_clip(key, 30) for key in found[:MAX_KEYS_SHOWN])
+    more = ", ..." if len(found) > MAX_KEYS_SHOWN else ""
     raise DatasetInvalid(
         f"could not detect the format of {name}: each format expects keys ({expected}), "
-        f"but its rows have {len(keys)} keys [{shown}{more}]",
+        f"but its rows have {len(found)} keys [{shown}{more}]",
         hint="set spec.dataset.format, and spec.dataset.fieldMapping to name your columns "
         "(e.g. fieldMapping.output: answer)",
     )
