@@ -75,12 +75,23 @@ def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[str, dict[str, Any]]]
 def chart_rbac_rules(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The policy rules the chart grants the operator's service account.
 
-    In cluster mode: the ClusterRole's rules. In namespaced mode every watched namespace
-    gets its own Role with the same rules; they are checked to be identical and returned
-    once. Raises AssertionError when the chart renders no role, or roles that differ.
+    Only roles bound to the operator's service account count (not the tenants' aggregated
+    ClusterRoles). In cluster mode: the ClusterRole's rules. In namespaced mode every
+    watched namespace gets its own Role with the same rules; they are checked to be
+    identical and returned once. Raises AssertionError when the chart renders no role, or
+    roles that differ.
     """
     manifests = render_manifests(values)
-    roles = of_kind(manifests, "ClusterRole") + of_kind(manifests, "Role")
+    bound = {  # (kind, name) of the roles the chart binds to a service account: the operator's
+        (b["roleRef"]["kind"], b["roleRef"]["name"])
+        for b in of_kind(manifests, "ClusterRoleBinding") + of_kind(manifests, "RoleBinding")
+        if any(s.get("kind") == "ServiceAccount" for s in b["subjects"])
+    }
+    roles = [  # the tenants' aggregated ClusterRoles are bound to no service account
+        r
+        for r in of_kind(manifests, "ClusterRole") + of_kind(manifests, "Role")
+        if (r["kind"], r["metadata"]["name"]) in bound
+    ]
     assert roles, "the chart rendered no ClusterRole or Role"
     rules = [role.get("rules") or [] for role in roles]
     assert all(r == rules[0] for r in rules), f"roles grant different rules: {rules}"

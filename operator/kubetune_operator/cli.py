@@ -1,11 +1,12 @@
 """The ``kubetune`` command.
 
     kubetune crd                      print the FineTuneJob CRD (generated from the API models)
-    kubetune crd --kind FineTuneSweep print the FineTuneSweep CRD
-    kubetune validate -f job.yaml     check manifests (FineTuneJobs, FineTuneSweeps) as the
-                                      operator will
+    kubetune crd --kind FineTuneSweep print the FineTuneSweep CRD (FineTunePolicy: its CRD)
+    kubetune validate -f job.yaml     check manifests (FineTuneJobs, FineTuneSweeps,
+                                      FineTunePolicies) as the operator will
     kubetune docs                     print the field reference (docs/reference.md)
-    kubetune docs --kind FineTuneSweep  the sweep's field reference (docs/sweep-reference.md)
+    kubetune docs --kind FineTuneSweep  the sweep's field reference (docs/sweep-reference.md;
+                                      FineTunePolicy: docs/policy-reference.md)
     kubetune tiny-model DIR           build a tiny offline model, tokenizer and dataset
     kubetune train -f job.yaml        run a FineTuneJob locally, no cluster needed
     kubetune sweep -f sweep.yaml      run a FineTuneSweep locally, one trial after another
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .api.crd import CRDS, crd_yaml
+from .api.policy import KIND as POLICY_KIND
+from .api.policy import parse_policy
 from .api.sweep import KIND as SWEEP_KIND
 from .api.sweep import parse_sweep, spec_field, spec_value
 from .api.types import API_VERSION, KIND
@@ -44,7 +47,11 @@ def _cmd_crd(args: argparse.Namespace) -> int:
 
 
 # What ``kubetune validate`` checks, by kind.
-_PARSERS: dict[str, Callable[[Any], Any]] = {KIND: parse_manifest, SWEEP_KIND: parse_sweep}
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    KIND: parse_manifest,
+    SWEEP_KIND: parse_sweep,
+    POLICY_KIND: parse_policy,
+}
 
 
 def _print_problems(source: str, problems: list[Problem]) -> None:

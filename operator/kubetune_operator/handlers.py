@@ -35,15 +35,18 @@ from typing import Any
 
 import kopf
 
+from .api.policy import PLURAL as POLICY_PLURAL
 from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.types import GROUP, PLURAL, VERSION
 from .conditions import now_rfc3339
 from .events import event_manifest, reporting_instance
 from .kube import KubeApi
 from .metrics import OperatorMetrics
+from .policy import POLICY_VIOLATION, waits_for_slot
 from .progress import changed_fields, fetch_progress, status_from_progress
 from .reconcile import TERMINAL_STATES, Decision, Event, reconcile
 from .sweep import SWEEP_LABEL, SweepDecision, reconcile_sweep
+from .tenancy import Tenancy, slim_policy
 from .workload import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX,
@@ -96,6 +99,7 @@ class Reconciler:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pool: ThreadPoolExecutor | None = None
+        self.tenancy = Tenancy(api)  # the namespaces' FineTunePolicies and slots
 
     # -- reconciling one job ----------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class Reconciler:
             if body is None or key in self._written:
                 body = self.api.get_job(namespace, name)
             self._reconcile_locked(body, logger)
+        self._wake_freed()
 
     def _reconcile_locked(self, body: dict[str, Any] | None, logger: Any) -> None:
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -124,8 +129,19 @@ class Reconciler:
         workloads: list[dict[str, Any]] = []
         if latest is not None and _waits_in_queue(latest):
             workloads = self.api.list_workloads(namespace, latest["metadata"].get("uid", ""))
-        decision = reconcile(body, jobs, pods, workloads, image=self.config.image)
-        self._apply(body, decision, logger)
+        policies = self.tenancy.policies(namespace)
+        with self.tenancy.slots(body, jobs, policies) as slots:  # locks the namespace if set
+            decision = reconcile(
+                body,
+                jobs,
+                pods,
+                workloads,
+                image=self.config.image,
+                policies=policies,
+                slots=slots,
+            )
+            self._apply(body, decision, logger)
+        self.tenancy.note(namespace, body.get("status") or {}, decision.status)
         self._reconciled[(namespace, name)] = time.monotonic()
 
     def _workloads(
@@ -218,6 +234,25 @@ class Reconciler:
             self.api.patch_sweep_status(namespace, name, patch)
         self.metrics.observe_sweep(namespace, name, decision.status)
 
+    def wake(self, namespace: str, *, refused: bool = False) -> None:
+        """Reconcile the namespace's jobs that wait for a concurrency slot (and, with
+        ``refused``, those its policy refused): a slot freed, or a policy changed. In the
+        pool when it runs (never under a job's lock), else here."""
+        for (ns, name), status in list(self._status.items()):
+            refused_here = refused and status.get("state") == "Invalid"
+            refused_here = refused_here and _reason(status, "Accepted") == POLICY_VIOLATION
+            if ns != namespace or not (waits_for_slot(status) or refused_here):
+                continue
+            pool = self._pool
+            if pool is not None:
+                pool.submit(self._logged, self.reconcile, ns, name, log)
+            else:
+                self._logged(self.reconcile, ns, name, log)
+
+    def _wake_freed(self) -> None:
+        for namespace in self.tenancy.take_freed():
+            self.wake(namespace)
+
     def poll_progress(self, namespace: str, name: str) -> None:
         """Poll rank 0's progress endpoint; patch what changed in the status."""
         key = (namespace, name)
@@ -247,6 +282,7 @@ class Reconciler:
                 self.api.delete_job(namespace, job["metadata"]["name"])
                 logger.info(f"job {job['metadata']['name']} deleted with its FineTuneJob")
         self.forget(namespace, name)
+        self.wake(namespace)  # its slot is free
 
     # -- the two loops: resync of all jobs, progress of the running ones ----------------------
 
@@ -297,6 +333,7 @@ class Reconciler:
             body.setdefault("kind", "FineTuneJob")
             key = (body["metadata"]["namespace"], body["metadata"]["name"])
             self._logged(self._resync_one, key, body, started)
+        self._wake_freed()
 
     def _resync_one(self, key: tuple[str, str], body: dict[str, Any], started: float) -> None:
         with self._locks[key], self.metrics.reconcile_seconds.time():
@@ -322,9 +359,14 @@ class Reconciler:
             state = status.get("state")
             if state == "Running":
                 futures.append(pool.submit(self._logged, self.poll_progress, namespace, name))
-            elif state == "Queued":
+            elif state == "Queued" and not waits_for_slot(status):  # those: woken, resynced
                 futures.append(pool.submit(self._logged, self.reconcile, namespace, name, log))
         wait(futures)
+
+
+def _reason(status: dict[str, Any], type_: str) -> str | None:
+    found = next((x for x in status.get("conditions") or [] if x.get("type") == type_), None)
+    return found.get("reason") if found else None
 
 
 def _attempt(obj: dict[str, Any]) -> int:
@@ -393,6 +435,18 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         job_name = labels.get(JOB_LABEL)
         return {(namespace, job_name): _slim(body, ())} if job_name else {}
 
+    policy = {"group": GROUP, "version": VERSION, "plural": POLICY_PLURAL, "registry": registry}
+
+    @kopf.index(**policy, id="tenant_policies")
+    def tenant_policies(namespace: str, body: Any, **_: Any) -> Any:
+        return {namespace: slim_policy(copy.deepcopy(dict(body)))}
+
+    @kopf.on.event(**policy)
+    def policy_changed(namespace: str, **kw: Any) -> None:
+        """A changed limit may let waiting or refused jobs start now."""
+        reconciler.tenancy.index = kw["tenant_policies"]
+        reconciler.wake(namespace, refused=True)
+
     @kopf.on.startup(registry=registry)
     def start_loops(**_: Any) -> None:
         reconciler.start_loops()
@@ -406,6 +460,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         event: dict[str, Any], body: Any, namespace: str, name: str, logger: Any, **kw: Any
     ) -> None:
         reconciler.remember_indexes(kw["attempt_jobs"], kw["attempt_pods"])
+        reconciler.tenancy.index = kw["tenant_policies"]
         kind = event.get("type")
         if kind == "DELETED":
             reconciler.forget(namespace, name)
@@ -418,6 +473,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     @kopf.on.event("", "v1", "pods", **workloads)
     def workload_changed(labels: dict[str, str], namespace: str, logger: Any, **kw: Any) -> None:
         reconciler.remember_indexes(kw["attempt_jobs"], kw["attempt_pods"])
+        reconciler.tenancy.index = kw["tenant_policies"]
         job_name = labels.get(JOB_LABEL)
         if job_name:
             reconciler.reconcile(namespace, job_name, logger)

@@ -2,7 +2,8 @@
 
 Every call here is one the chart's RBAC must grant (and nothing more): FineTuneJobs
 get/list/watch/patch/create (+ status and finalizers through kopf; sweeps create their
-trials), FineTuneSweeps get/list/watch (+ status patch), batch Jobs
+trials), FineTuneSweeps get/list/watch (+ status patch), FineTunePolicies list/watch
+(read only), batch Jobs
 create/list/watch/patch/delete, pods list/watch, Services create, Kueue Workloads list,
 events create. No Secrets, ever.
 """
@@ -16,9 +17,10 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from .api.policy import PLURAL as POLICY_PLURAL
 from .api.sweep import PLURAL as SWEEP_PLURAL
 from .api.types import GROUP, PLURAL, VERSION
-from .workload import job_selector
+from .workload import MANAGED_BY, job_selector
 
 log = logging.getLogger("kubetune.operator")
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
@@ -192,6 +194,26 @@ class KubeApi:
                 ),
             )
         )
+
+    def list_attempt_jobs(self, namespace: str) -> list[dict[str, Any]]:
+        """Every attempt Job of the namespace (for its FineTunePolicy's maxConcurrentJobs)."""
+        selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+        return self._plain(
+            self._call(
+                "list_attempt_jobs",
+                lambda: self.batch.list_namespaced_job(namespace, label_selector=selector),
+            )
+        )
+
+    def list_policies(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's FineTunePolicies (read only: the platform team writes them)."""
+        answer = self._call(
+            "list_policies",
+            lambda: self.custom.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, POLICY_PLURAL
+            ),
+        )
+        return list((answer or {}).get("items") or [])
 
     def list_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
         """Kueue's Workloads of the Job with ``job_uid``; none when Kueue is not installed

@@ -30,7 +30,7 @@ its next attempt from the current spec, as a suspended Kubernetes Job does.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,8 +39,10 @@ from kubetune_trainer.errors import ExitCode
 
 from . import conditions as c
 from .accounting import account, earlier_attempts_seconds, gpu_status
+from .api.policy import FineTunePolicy
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .api.validation import InvalidManifest, Problem, parse_manifest
+from .policy import CONCURRENCY_LIMIT, POLICY_VIOLATION, Slots, all_violations, with_defaults
 from .progress import tracking_status
 from .workload import (
     ATTEMPT_LABEL,
@@ -377,6 +379,9 @@ class _Builder:
         self.decision = Decision(status=self.status)
         self.since = transition_origin(self.old)
         self.current: FineTuneJob | None = None  # the spec, once parsed
+        # The namespace's FineTunePolicies, and its concurrency as this job sees it.
+        self.policies: tuple[FineTunePolicy, ...] = ()
+        self.slots: Slots | None = None
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
         self.conditions = c.set_condition(
@@ -432,10 +437,16 @@ def reconcile(
     *,
     image: str,
     now: datetime | None = None,
+    policies: Sequence[FineTunePolicy] = (),
+    slots: Slots | None = None,
 ) -> Decision:
     """The next step for the FineTuneJob ``body``, given its attempt ``jobs``, their
-    ``pods`` and Kueue's ``workloads`` for them (if read)."""
+    ``pods`` and Kueue's ``workloads`` for them (if read), its namespace's FineTunePolicies
+    and (under maxConcurrentJobs) the namespace's :class:`~kubetune_operator.policy.Slots`
+    as this job sees them. The policies are checked before an attempt starts (the first,
+    and after a resume), never against a running job."""
     b = _Builder(body, now or datetime.now(UTC))
+    b.policies, b.slots = tuple(policies), slots
     views = attempts_of(jobs, pods, workloads or ())
     usage = account(b.old, jobs, pods, b.now)  # in every state: stopping pods still count
     if usage or b.old.get("gpuSeconds") is not None:
@@ -467,7 +478,8 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
     # Not an object only when the API server's schema was bypassed: parsing says so
     # (Accepted=False/InvalidSpec, naming spec); nothing else may read it as one.
     raw_spec = spec_field if isinstance(spec_field, dict) else {}
-    labels = (body.get("metadata") or {}).get("labels") or {}
+    # Kueue labels: the job's own, else its namespace policy's default queue and priority.
+    labels = with_defaults((body.get("metadata") or {}).get("labels") or {}, b.policies)
 
     if b.old.get("state") in TERMINAL_STATES:
         if b.old.get("state") == "Failed":  # a stop lost in a crash is repeated
@@ -517,6 +529,16 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
             b.condition(c.ACCEPTED, False, "InvalidSpec", message)
             b.state("Invalid", "InvalidSpec", message, warning=True, action="ValidateSpec")
             return b.finish()
+        refused = all_violations(current.spec, b.policies)
+        if refused:
+            text = "; ".join(v.message for v in refused)
+            b.condition(c.ACCEPTED, False, POLICY_VIOLATION, text)
+            b.state("Invalid", POLICY_VIOLATION, text, warning=True, action="ValidateSpec")
+            return b.finish()
+        if b.slots is not None and not b.slots.free:
+            return _waits_for_slot(b, b.slots)
+        if (c.get_condition(b.conditions, c.QUEUED) or {}).get("reason") == CONCURRENCY_LIMIT:
+            b.condition(c.QUEUED, False, "Admitted", "a slot is free: the job starts")
         if latest is not None and not latest.finished:
             b.decision.delete_jobs = [latest.name]  # the suspended attempt; resume anew
         return _start_attempt(b, attempts + 1, image, spec_json(current), labels)
@@ -619,6 +641,18 @@ def _queued(b: _Builder, attempt: AttemptView) -> Decision:
     b.condition(c.QUEUED, True, reason, message)
     b.condition(c.RUNNING, False, reason, message)
     b.state("Queued", reason, message, warning=preempted)
+    return b.finish()
+
+
+def _waits_for_slot(b: _Builder, slots: Slots) -> Decision:
+    """maxConcurrentJobs is reached: wait (no attempt yet) until a slot frees."""
+    message = slots.message()
+    b.condition(c.ACCEPTED, True, "Valid", "the spec is valid")
+    if b.old.get("state") == "Suspended":
+        b.condition(c.SUSPENDED, False, "Resumed", "resumed; it waits for a slot")
+    b.condition(c.QUEUED, True, CONCURRENCY_LIMIT, message)
+    b.condition(c.RUNNING, False, CONCURRENCY_LIMIT, message)
+    b.state("Queued", CONCURRENCY_LIMIT, message, action="WaitForSlot")
     return b.finish()
 
 

@@ -143,6 +143,8 @@ def test_every_manifest_passes_kubernetes_validate_strict(
     name, manifests = rendered
     custom_resources = []
     for manifest in manifests:
+        if manifest["kind"].startswith("ValidatingAdmissionPolicy") and kube_version < "1.30":
+            continue  # rendered only for Kubernetes 1.30+ (admission-policy.yaml)
         try:
             kubernetes_validate.validate(manifest, kube_version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
@@ -166,12 +168,17 @@ def test_kubernetes_validate_catches_a_typo(default: list[dict[str, Any]]) -> No
 def test_default_install_has_no_monitoring_resources(default: list[dict[str, Any]]) -> None:
     kinds = sorted(m["kind"] for m in default)
     assert kinds == [
+        "ClusterRole",  # the operator's
+        "ClusterRole",  # the tenants' (edit, view) and the platform team's (policy-admin)
+        "ClusterRole",
         "ClusterRole",
         "ClusterRoleBinding",
         "Deployment",
         "NetworkPolicy",
         "Service",
         "ServiceAccount",
+        "ValidatingAdmissionPolicy",  # the tenant policy at admission
+        "ValidatingAdmissionPolicyBinding",
     ]
     assert all(
         m["metadata"].get("namespace", RELEASE_NAMESPACE) == RELEASE_NAMESPACE for m in default
@@ -377,6 +384,7 @@ EXPECTED_RULES = [
         "verbs": ["get", "list", "watch", "patch"],
     },
     {"apiGroups": ["kubetune.io"], "resources": ["finetunesweeps/status"], "verbs": ["patch"]},
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunepolicies"], "verbs": ["list", "watch"]},
     {
         "apiGroups": ["batch"],
         "resources": ["jobs"],
@@ -401,8 +409,13 @@ def test_rbac_grants_exactly_the_operators_calls(
         assert "resourceNames" not in rule and "nonResourceURLs" not in rule
 
 
+def _tenant_roles(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in of_kind(manifests, "ClusterRole") if r["metadata"]["name"] != "kt-kubetune"]
+
+
 def test_rbac_cluster_mode(default: list[dict[str, Any]]) -> None:
-    role, binding = _one(default, "ClusterRole"), _one(default, "ClusterRoleBinding")
+    binding = _one(default, "ClusterRoleBinding")
+    (role,) = [r for r in of_kind(default, "ClusterRole") if r not in _tenant_roles(default)]
     assert of_kind(default, "Role") == of_kind(default, "RoleBinding") == []
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -416,7 +429,8 @@ def test_rbac_cluster_mode(default: list[dict[str, Any]]) -> None:
 
 
 def test_rbac_namespaced_mode(custom: list[dict[str, Any]]) -> None:
-    assert of_kind(custom, "ClusterRole") == of_kind(custom, "ClusterRoleBinding") == []
+    assert of_kind(custom, "ClusterRole") == _tenant_roles(custom)  # bound to no one
+    assert of_kind(custom, "ClusterRoleBinding") == []
     roles, bindings = of_kind(custom, "Role"), of_kind(custom, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]

@@ -92,6 +92,9 @@ operator/kubetune_operator/kube.py and handlers.py). No Secrets, no wildcards. *
 - apiGroups: ["kubetune.io"]
   resources: ["finetunesweeps/status"]
   verbs: ["patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunepolicies"]
+  verbs: ["list", "watch"]
 {{- if .Values.rbac.ownerReferencesPermissionEnforcement }}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/finalizers", "finetunesweeps/finalizers"]

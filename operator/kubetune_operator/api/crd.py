@@ -1,4 +1,5 @@
-"""Generate the CustomResourceDefinitions (FineTuneJob, FineTuneSweep) from the API models.
+"""Generate the CustomResourceDefinitions (FineTuneJob, FineTuneSweep, FineTunePolicy) from
+the API models.
 
 The pydantic JSON schema is rewritten into a *structural* OpenAPI v3 schema, the form
 the API server demands: references inlined, ``anyOf [X, null]`` collapsed to X, titles
@@ -12,6 +13,7 @@ import copy
 from typing import Any
 
 from .. import kubeyaml
+from . import policy as policy_api
 from . import sweep as sweep_api
 from .types import (
     API_VERSION,
@@ -150,6 +152,20 @@ def sweep_openapi_schema() -> Schema:
     )
 
 
+def policy_openapi_schema() -> Schema:
+    """The openAPIV3Schema of a FineTunePolicy (no status: only the platform team writes it)."""
+    return {
+        "type": "object",
+        "description": policy_api.FineTunePolicy.__doc__,
+        "properties": {
+            "apiVersion": {"type": "string", "description": f"{API_VERSION}"},
+            "kind": {"type": "string", "description": policy_api.KIND},
+            "metadata": _metadata_schema(policy_api.FineTunePolicy),
+            "spec": {**_model_schema(policy_api.FineTunePolicySpec), "default": {}},
+        },
+    }
+
+
 def crd() -> Schema:
     """The CustomResourceDefinition, as a dict."""
     columns: list[dict[str, Any]] = [
@@ -213,6 +229,27 @@ def sweep_crd() -> Schema:
     )
 
 
+def policy_crd() -> Schema:
+    """The FineTunePolicy CustomResourceDefinition, as a dict."""
+    columns: list[dict[str, Any]] = [
+        {"name": "Max GPUs", "type": "integer", "jsonPath": ".spec.maxGpusPerJob"},
+        {"name": "Max Nodes", "type": "integer", "jsonPath": ".spec.maxNodes"},
+        {"name": "Max Jobs", "type": "integer", "jsonPath": ".spec.maxConcurrentJobs"},
+        {"name": "Queue", "type": "string", "jsonPath": ".spec.defaultQueueName", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    definition = _crd_of(
+        policy_api.KIND,
+        policy_api.PLURAL,
+        policy_api.SINGULAR,
+        policy_api.SHORT_NAMES,
+        columns,
+        policy_openapi_schema(),
+    )
+    del definition["spec"]["versions"][0]["subresources"]  # no status
+    return definition
+
+
 def _crd_of(
     kind: str,
     plural: str,
@@ -251,7 +288,7 @@ def _crd_of(
 
 
 # The CRDs by kind, and the file each is written to in crds/ (and helm/kubetune/crds/).
-CRDS = {KIND: crd, sweep_api.KIND: sweep_crd}
+CRDS = {KIND: crd, sweep_api.KIND: sweep_crd, policy_api.KIND: policy_crd}
 
 
 def crd_filename(kind: str = KIND) -> str:
