@@ -1,5 +1,6 @@
 """A stand-in trainer image for tests that exercise the operator, not the training:
 reports a result (or sleeps, to be deleted while running) and exits like the trainer.
+``until PATH``: runs until PATH exists (the test decides when it finishes), then succeeds.
 ``fail-once``: the first attempt (its pod's hostname has ``-attempt-1-``) fails as the
 trainer does when object storage is unreachable (exit 20, retryable); later ones succeed.
 """
@@ -14,6 +15,9 @@ import time
 if __name__ == "__main__":
     if sys.argv[1:] == ["sleep"]:
         time.sleep(120)
+    if sys.argv[1:2] == ["until"]:  # runs until the file named next exists, then succeeds
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.05)
     if sys.argv[1:] == ["fail-once"] and "-attempt-1-" in os.environ.get("HOSTNAME", ""):
         error = {
             "reason": "StorageUnavailable",

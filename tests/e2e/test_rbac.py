@@ -2,7 +2,8 @@
 granted-but-unused are both failures. The calls come from the emulator's audit log while
 the real operator handles an invalid job, a job that succeeds, a two-node job (its
 rendezvous Service), a sweep of one trial, a suspended job, a job waiting in a Kueue
-queue and a job deleted while it runs (a stand-in trainer image keeps this fast)."""
+queue and a job deleted while it runs, under a FineTunePolicy that it reads and counts
+against (a stand-in trainer image keeps this fast)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ def test_operator_uses_exactly_what_the_chart_grants(
     with Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images) as kubelet:
         cluster = Cluster(kube, kubelet, seaweedfs, seaweedfs.create_bucket(), tmp_path)
         cluster.create_storage_secret("default")
+        # A FineTunePolicy that refuses nothing here: the operator reads it (list, watch)
+        # and counts the namespace's jobs for its maxConcurrentJobs (lists).
+        cluster.custom.create_namespaced_custom_object(
+            "kubetune.io",
+            "v1alpha1",
+            "default",
+            "finetunepolicies",
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTunePolicy",
+                "metadata": {"name": "roomy"},
+                "spec": {"maxConcurrentJobs": 100, "maxNodes": 2},
+            },
+        )
         cluster.start_operator()
         try:
             cluster.apply(cluster.tiny_job("invalid", method={"type": "lora", "lora": {"r": 0}}))
