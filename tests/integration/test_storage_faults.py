@@ -1,9 +1,12 @@
 """Object storage outages: SeaweedFS killed for 30 s mid-checkpoint and mid-publish.
 
-A real trainer subprocess writes to a real SeaweedFS. The test watches the bucket and
-kills SeaweedFS (SIGKILL: connections are refused, as in a crash or a restart) the moment
-a checkpoint is partly uploaded, keeps it down for 30 s, and starts it again on the same
-port and data; then the same while the final artifact is partly published. The trainer
+A real trainer subprocess writes to a real SeaweedFS. The test runs the trainer in
+slices of a few milliseconds (SIGSTOP, look at the bucket, SIGCONT), so it catches the
+moment a checkpoint is partly uploaded however fast the upload is; with the trainer
+stopped there, it kills SeaweedFS (SIGKILL: connections are refused, as in a crash or a
+restart), lets the trainer go on, keeps SeaweedFS down for 30 s, and starts it again on
+the same port and data; then the same while the final artifact is partly published. The
+trainer
 must ride out both outages (its retries span 60 s by default), mark nothing complete
 that is not whole, and finish with exit 0 and an adapter that stock peft loads.
 Figures (outage lengths, time to finish after storage returned) are printed for
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -36,6 +40,7 @@ pytestmark = pytest.mark.integration
 
 OUTAGE_SECONDS = 30.0  # the issue's requirement; the trainer's default patience is 60 s
 JOB = "job"
+SLICE = 0.003  # seconds the trainer runs between two looks at the bucket
 CHECKPOINT_KEY = re.compile(rf"^{JOB}/{PREFIX}/step-(\d+)/(.+)$")
 
 
@@ -126,21 +131,52 @@ def _wait_for_keys(
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _wait_for_training(url: str, process: subprocess.Popen[str], timeout: float = 120) -> None:
+def _freeze_when(
+    list_keys: Callable[[], list[str]],
+    found: Callable[[list[str]], bool],
+    process: subprocess.Popen[str],
+    what: str,
+    timeout: float = 120,
+) -> list[str]:
+    """Run the trainer in slices of SLICE seconds, looking at the bucket between them while
+    it is stopped, until ``found(keys)``; the keys, with the trainer left stopped there."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            process.send_signal(signal.SIGSTOP)
+            keys = list_keys()
+            if found(keys):
+                return keys
+            if process.poll() is not None:
+                raise AssertionError(f"the trainer exited ({process.returncode}) before {what}")
+            process.send_signal(signal.SIGCONT)
+            time.sleep(SLICE)
+        raise AssertionError(f"timed out waiting for {what}")
+    except BaseException:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+        raise
+
+
+def _wait_for_phase(
+    url: str, phases: set[str], process: subprocess.Popen[str], timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (text := fetch_text(url)) and json.loads(text)["phase"] == "training":
+        if (text := fetch_text(url)) and json.loads(text)["phase"] in phases:
             return
         if process.poll() is not None:
-            raise AssertionError(f"the trainer exited ({process.returncode}) before training")
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for training to start")
+            raise AssertionError(f"the trainer exited ({process.returncode}) before {phases}")
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for the phase {phases}")
 
 
 def _outage(weed: WeedProcess, process: subprocess.Popen[str]) -> float:
-    """Kill SeaweedFS, keep it down OUTAGE_SECONDS (the trainer must stay alive), start it
-    again on the same port and data; the monotonic time it answered again."""
+    """Kill SeaweedFS and let the (stopped) trainer go on; keep SeaweedFS down for
+    OUTAGE_SECONDS (the trainer must stay alive), start it again on the same port and
+    data; the monotonic time it answered again."""
     weed.stop()
+    process.send_signal(signal.SIGCONT)
     stopped = time.monotonic()
     while time.monotonic() - stopped < OUTAGE_SECONDS:
         assert process.poll() is None, (
@@ -192,10 +228,11 @@ def test_trainer_rides_out_storage_outages_mid_checkpoint_and_mid_publish(
     process = run_trainer_process(config, env={"POD_IP": "127.0.0.1"})
     try:
         # Outage 1: while a checkpoint is partly uploaded (files, no COMPLETE marker).
-        # Watch the bucket closely only once training runs (polling costs CPU).
-        _wait_for_training(f"http://127.0.0.1:{port}/progress", process)
+        # Slice the trainer only once it trains (slicing slows it down).
+        progress = f"http://127.0.0.1:{port}/progress"
+        _wait_for_phase(progress, {"training"}, process)
         training = time.monotonic() - started
-        keys = _wait_for_keys(
+        keys = _freeze_when(
             list_keys, lambda k: _partial_checkpoint(k) is not None, process, "a checkpoint"
         )
         step = _partial_checkpoint(keys)
@@ -205,7 +242,8 @@ def test_trainer_rides_out_storage_outages_mid_checkpoint_and_mid_publish(
         checkpoint_done = time.monotonic() - back_1
 
         # Outage 2: while the artifact is partly published (files, no manifest yet).
-        keys = _wait_for_keys(
+        _wait_for_phase(progress, {"saving", "done"}, process)
+        keys = _freeze_when(
             lambda: list_keys(adapter),
             lambda k: bool(k) and adapter + MANIFEST not in k,
             process,
