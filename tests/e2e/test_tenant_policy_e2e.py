@@ -1,12 +1,13 @@
 """A namespace's FineTunePolicy, enforced by the real operator on the harness (the
 emulated API server runs no admission policies: this is the path clusters without them
 take). A stand-in trainer keeps it fast: a violating job is refused with no workload, a
-job within the policy runs, and under maxConcurrentJobs 1 a second job waits Queued
-and starts when the first finishes."""
+job within the policy runs, and under maxConcurrentJobs 1 later jobs wait Queued and
+start one at a time, in creation order, as the running one finishes."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,11 @@ def _policy(**spec: object) -> dict:
 def test_policy_refuses_limits_and_queues(
     kube: EmulatorServer, job_controller: JobController, tmp_path: Path, seaweedfs
 ) -> None:
-    gate = tmp_path / "first-may-finish"
+    gate, gate2 = tmp_path / "first-may-finish", tmp_path / "second-may-finish"
     images = {
         "fake:ok": [sys.executable, FAKE_TRAINER],
         "fake:until": [sys.executable, FAKE_TRAINER, "until", str(gate)],
+        "fake:until2": [sys.executable, FAKE_TRAINER, "until", str(gate2)],
     }
     with Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images) as kubelet:
         cluster = Cluster(kube, kubelet, seaweedfs, seaweedfs.create_bucket(), tmp_path)
@@ -70,18 +72,29 @@ def test_policy_refuses_limits_and_queues(
             # Within the policy: it runs (until the test lets it finish).
             cluster.apply(cluster.tiny_job("first", image="fake:until"))
             cluster.wait_state("first", "Running", timeout=30)
-            # Over maxConcurrentJobs: it waits, with no attempt, naming the policy.
-            cluster.apply(cluster.tiny_job("second", image="fake:ok"))
-            waiting = cluster.wait_state("second", "Queued", timeout=30)
+            # Over maxConcurrentJobs: they wait, with no attempt, naming the policy. Named
+            # against their creation order (a second apart), which decides who goes first.
+            cluster.apply(cluster.tiny_job("zz-second", image="fake:until2"))
+            waiting = cluster.wait_state("zz-second", "Queued", timeout=30)
             queued = condition(waiting, "Queued")
             assert (queued["status"], queued["reason"]) == ("True", "ConcurrencyLimit")
             assert "FineTunePolicy team-a lets at most 1 jobs" in queued["message"]
-            assert cluster.jobs("second") == []
+            created = waiting["metadata"]["creationTimestamp"]
+            while time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) <= created:
+                time.sleep(0.05)
+            cluster.apply(cluster.tiny_job("aa-third", image="fake:ok"))
+            cluster.wait_state("aa-third", "Queued", timeout=30)
+            assert cluster.jobs("zz-second") == [] and cluster.jobs("aa-third") == []
             assert cluster.get("first")["status"]["state"] == "Running"
 
-            gate.touch()  # the first job finishes; the second takes its slot
+            gate.touch()  # the first job finishes; the older waiting job takes its slot
             cluster.wait_state("first", "Succeeded", timeout=30)
-            done = cluster.wait_state("second", "Succeeded", timeout=30)
+            cluster.wait_state("zz-second", "Running", timeout=30)
+            third = cluster.get("aa-third")
+            assert third["status"]["state"] == "Queued" and cluster.jobs("aa-third") == []
+            gate2.touch()
+            cluster.wait_state("zz-second", "Succeeded", timeout=30)
+            done = cluster.wait_state("aa-third", "Succeeded", timeout=30)
             assert condition(done, "Accepted")["reason"] == "Valid"
             assert done["status"]["attempts"] == 1
         finally:
