@@ -363,13 +363,28 @@ def _print_sweep_table(body: dict[str, Any], trials: list[dict[str, Any]], metri
 def _cmd_operator(args: argparse.Namespace) -> int:
     from .handlers import OperatorConfig
     from .runner import Operator, OperatorOptions
+    from .workload import NetworkPolicyConfig
 
+    if args.ttl_seconds_after_finished is not None and args.ttl_seconds_after_finished < 0:
+        print("error: --ttl-seconds-after-finished must be 0 or more", file=sys.stderr)
+        return 2
+    network_policy = None
+    if args.job_network_policy:
+        try:
+            network_policy = NetworkPolicyConfig.from_json(
+                args.job_network_policy, progress_port=args.trainer_progress_port
+            )
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     options = OperatorOptions(
         config=OperatorConfig(
             image=args.image,
             progress_interval_seconds=args.progress_interval,
             resync_interval_seconds=args.resync_interval,
             progress_port=args.trainer_progress_port,
+            ttl_seconds_after_finished=args.ttl_seconds_after_finished,
+            network_policy=network_policy,
         ),
         kubeconfig=args.kubeconfig,
         namespaces=args.namespace or [],
@@ -466,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=PROGRESS_PORT,
         help=f"port of the trainers' /progress endpoint (default {PROGRESS_PORT})",
+    )
+    operator.add_argument(
+        "--ttl-seconds-after-finished",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="delete a finished job's Jobs, pods, Service and NetworkPolicies this long after "
+        "it finished, unless its spec.ttlSecondsAfterFinished says otherwise "
+        "(default: keep them)",
+    )
+    operator.add_argument(
+        "--job-network-policy",
+        metavar="JSON",
+        help='a NetworkPolicy per attempt: {"operatorNamespace": NS, "operatorPodLabels": '
+        '{...}, "egress": [rules] (optional; restricts egress to DNS, the attempt\'s pods and '
+        "these)} (default: none)",
     )
     operator.set_defaults(run=_cmd_operator)
     return parser

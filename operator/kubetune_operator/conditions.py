@@ -18,6 +18,8 @@ READY = "Ready"  # True once the job succeeded
 STALLED = "Stalled"  # True when the job cannot progress: failed, or an invalid spec
 RECONCILING = "Reconciling"  # True while work is in flight (pending, queued, training)
 SPEC_CHANGED = "SpecChangeIgnored"  # the spec changed after the job started
+# A finished job's attempt Jobs, pods, Service and NetworkPolicies were deleted (its TTL).
+WORKLOADS_DELETED = "WorkloadsDeleted"
 
 
 def now_rfc3339(now: datetime | None = None) -> str:

@@ -55,6 +55,8 @@ from .workload import (
     MANAGED_BY,
     PROGRESS_PORT,
     QUEUE_LABEL,
+    NetworkPolicyConfig,
+    attempt_network_policy,
 )
 
 FINALIZER = "kubetune.io/finalizer"
@@ -69,6 +71,11 @@ class OperatorConfig:
     progress_interval_seconds: float = 5.0
     resync_interval_seconds: float = 60.0
     progress_port: int = PROGRESS_PORT
+    # Delete a finished job's workloads this long after it finished, unless its
+    # spec.ttlSecondsAfterFinished says otherwise; None: keep them (the chart sets 86400).
+    ttl_seconds_after_finished: int | None = None
+    # A NetworkPolicy per attempt (the chart's networkPolicy.perJob); None: none.
+    network_policy: NetworkPolicyConfig | None = None
 
 
 class Reconciler:
@@ -139,6 +146,7 @@ class Reconciler:
                 image=self.config.image,
                 policies=policies,
                 slots=slots,
+                ttl_seconds_after_finished=self.config.ttl_seconds_after_finished,
             )
             self._apply(body, decision, logger)
         self.tenancy.note(namespace, body.get("status") or {}, decision.status)
@@ -166,6 +174,11 @@ class Reconciler:
         key = (namespace, name)
         if decision.create_service is not None:
             self.api.create_service(namespace, decision.create_service)
+        policy = self.config.network_policy
+        if decision.create_job is not None and policy is not None:  # before its pods exist
+            self.api.create_network_policy(
+                namespace, attempt_network_policy(decision.create_job, policy)
+            )
         if decision.create_job is not None:
             created = self.api.create_job(namespace, decision.create_job)
             job = decision.create_job["metadata"]["name"]
@@ -173,6 +186,12 @@ class Reconciler:
         for job in decision.suspend_jobs:
             self.api.suspend_job(namespace, job)
             logger.info(f"job {job} suspended")
+        # TTL cleanup: the Service and NetworkPolicies before the Jobs, so that a crash in
+        # between repeats only deletes of what is left (see reconcile.clean_up_after_ttl).
+        for service in decision.delete_services:
+            self.api.delete_service(namespace, service)
+        for name_ in decision.delete_network_policies if policy is not None else ():
+            self.api.delete_network_policy(namespace, name_)
         for job in decision.delete_jobs:
             self.api.delete_job(namespace, job)
             logger.info(f"job {job} deleted")

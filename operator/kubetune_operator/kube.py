@@ -4,8 +4,9 @@ Every call here is one the chart's RBAC must grant (and nothing more): FineTuneJ
 get/list/watch/patch/create (+ status and finalizers through kopf; sweeps create their
 trials), FineTuneSweeps get/list/watch (+ status patch), FineTunePolicies list/watch
 (read only), batch Jobs
-create/list/watch/patch/delete, pods list/watch, Services create, Kueue Workloads list,
-events create. No Secrets, ever.
+create/list/watch/patch/delete, pods list/watch, Services create/delete, NetworkPolicies
+create/delete (per-attempt isolation, TTL cleanup), Kueue Workloads list, events create.
+No Secrets, ever.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class KubeApi:
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self._on_error = on_error or (lambda operation: None)
 
     def _call(self, operation: str, call: Callable[[], T]) -> T:
@@ -285,6 +287,31 @@ class KubeApi:
                     name, namespace, propagation_policy="Background"
                 ),
             )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def create_network_policy(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """Create an attempt's NetworkPolicy; False when it already exists."""
+        return self._create(
+            "create_network_policy",
+            lambda: self.networking.create_namespaced_network_policy(namespace, manifest),
+        )
+
+    def delete_network_policy(self, namespace: str, name: str) -> None:
+        """Delete an attempt's NetworkPolicy (TTL cleanup); one already gone is no error."""
+        self._delete(
+            "delete_network_policy",
+            lambda: self.networking.delete_namespaced_network_policy(name, namespace),
+        )
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        """Delete a job's rank-0 Service (TTL cleanup); one already gone is no error."""
+        self._delete("delete_service", lambda: self.core.delete_namespaced_service(name, namespace))
+
+    def _delete(self, operation: str, call: Callable[[], Any]) -> None:
+        try:
+            self._call(operation, call)
         except ApiException as error:
             if error.status != 404:
                 raise

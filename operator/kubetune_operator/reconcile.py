@@ -50,7 +50,9 @@ from .workload import (
     QUEUE_LABEL,
     SPEC_ANNOTATION,
     attempt_job,
+    attempt_name,
     rank_service,
+    service_name,
 )
 
 TERMINAL_STATES = ("Succeeded", "Failed")
@@ -76,6 +78,9 @@ class Decision:
     create_service: dict[str, Any] | None = None
     suspend_jobs: list[str] = field(default_factory=list)
     delete_jobs: list[str] = field(default_factory=list)
+    # A finished job's workloads, once its TTL has passed (see clean_up_after_ttl).
+    delete_services: list[str] = field(default_factory=list)
+    delete_network_policies: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
 
 
@@ -382,6 +387,7 @@ class _Builder:
         # The namespace's FineTunePolicies, and its concurrency as this job sees it.
         self.policies: tuple[FineTunePolicy, ...] = ()
         self.slots: Slots | None = None
+        self.ttl_default: int | None = None  # seconds after finishing; None: never
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
         self.conditions = c.set_condition(
@@ -439,6 +445,7 @@ def reconcile(
     now: datetime | None = None,
     policies: Sequence[FineTunePolicy] = (),
     slots: Slots | None = None,
+    ttl_seconds_after_finished: int | None = None,
 ) -> Decision:
     """The next step for the FineTuneJob ``body``, given its attempt ``jobs``, their
     ``pods`` and Kueue's ``workloads`` for them (if read), its namespace's FineTunePolicies
@@ -447,6 +454,7 @@ def reconcile(
     and after a resume), never against a running job."""
     b = _Builder(body, now or datetime.now(UTC))
     b.policies, b.slots = tuple(policies), slots
+    b.ttl_default = ttl_seconds_after_finished  # the operator's; spec.ttlSecondsAfterFinished wins
     views = attempts_of(jobs, pods, workloads or ())
     usage = account(b.old, jobs, pods, b.now)  # in every state: stopping pods still count
     if usage or b.old.get("gpuSeconds") is not None:
@@ -484,6 +492,7 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
     if b.old.get("state") in TERMINAL_STATES:
         if b.old.get("state") == "Failed":  # a stop lost in a crash is repeated
             b.decision.delete_jobs = _unfinished(views)
+        clean_up_after_ttl(b, views, body.get("spec"))
         return b.finish()  # a Succeeded job's attempts all ended: nothing to stop
     if views and not b.status.get("startTime") and views[0].created:
         # The status write after the first Job's creation was lost: the Job remembers.
@@ -867,3 +876,62 @@ def _suspend(b: _Builder, latest: AttemptView | None) -> Decision:
     b.condition(c.RUNNING, False, "Suspended", message)
     b.state("Suspended", "Suspended", message, action="SuspendAttempt")
     return b.finish()
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def ttl_seconds(spec: Any, default: int | None) -> int | None:
+    """How long after finishing a job's workloads stay: ``spec.ttlSecondsAfterFinished``
+    (read from the spec as it is now, so it can be changed after the job finished), else
+    the operator's default; None: for ever."""
+    ttl = spec.get("ttlSecondsAfterFinished") if isinstance(spec, dict) else None
+    if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0:
+        return ttl
+    return default
+
+
+def finished_at(status: Mapping[str, Any]) -> datetime | None:
+    """When the job finished: ``completionTime``, else its Succeeded/Failed condition's
+    last transition."""
+    finished = _parse_time(status.get("completionTime")) if status.get("completionTime") else None
+    if finished is not None:
+        return finished
+    for type_ in (c.SUCCEEDED, c.FAILED):
+        found = c.get_condition(list(status.get("conditions") or []), type_) or {}
+        if found.get("status") == "True" and found.get("lastTransitionTime"):
+            return _parse_time(found["lastTransitionTime"])
+    return None
+
+
+def clean_up_after_ttl(b: _Builder, views: list[AttemptView], spec: Any) -> None:
+    """A finished job whose TTL has passed: delete its attempts' Jobs (the pods go with
+    them), its rank-0 Service and its attempts' NetworkPolicies, once.
+
+    Only a job whose *recorded* status is Succeeded or Failed is cleaned up, so its
+    result is already in the status, and nothing is derived from its Jobs any more: a
+    terminal job stays as it is without them (no new attempt, status, startTime, attempts
+    and artifact kept). The ``WorkloadsDeleted`` condition records the cleanup (a crash
+    before it is written repeats the deletes, which then find nothing) and says where the
+    pods went; its Event is named by the transition like every other.
+    """
+    if c.get_condition(b.conditions, c.WORKLOADS_DELETED) is not None:
+        return
+    ttl = ttl_seconds(spec, b.ttl_default)
+    finished = finished_at(b.old)
+    if ttl is None or finished is None or (b.now - finished).total_seconds() < ttl:
+        return
+    name = str(b.identity["metadata"].get("name") or "")
+    attempts = max([v.attempt for v in views] + [int(b.old.get("attempts") or 0)])
+    b.decision.delete_jobs = [v.name for v in views if not v.deleting]
+    if any(v.nodes > 1 for v in views) or not views:  # not views: a crash after the Jobs
+        b.decision.delete_services = [service_name(name)]
+    b.decision.delete_network_policies = [attempt_name(name, n) for n in range(1, attempts + 1)]
+    message = (
+        f"the job finished {ttl} s ago (ttlSecondsAfterFinished): its attempts' Jobs, pods, "
+        "Service and NetworkPolicies were deleted; its status, Events and artifact are kept"
+    )
+    b.condition(c.WORKLOADS_DELETED, True, "TTLExpired", message)
+    b.decision.events.append(
+        Event("Normal", "WorkloadsDeleted", message, "DeleteWorkloads", b.since)
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from kubetune_trainer.config import GPU_ACCOUNTING_ENV, ReportingConfig
@@ -335,4 +336,106 @@ def rank_service(job: FineTuneJob, *, uid: str) -> dict[str, Any] | None:
             "selector": {**MANAGED_BY, JOB_LABEL: name},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
         },
+    }
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@dataclass(frozen=True)
+class NetworkPolicyConfig:
+    """What an attempt's NetworkPolicy lets in and out (the chart's ``networkPolicy.perJob``).
+
+    ``operator_namespace`` and ``operator_pod_labels`` select the operator's pods, which
+    alone may reach a trainer's progress port (``progress_port``). ``egress``: None leaves
+    the trainers' egress unrestricted; a list (NetworkPolicyEgressRule objects, e.g. an
+    ipBlock and port of the object store or the hub) restricts it to DNS, the attempt's
+    own pods and these rules.
+    """
+
+    operator_namespace: str
+    operator_pod_labels: Mapping[str, str]
+    progress_port: int = PROGRESS_PORT
+    egress: tuple[Mapping[str, Any], ...] | None = None
+
+    @classmethod
+    def from_json(cls, text: str, progress_port: int = PROGRESS_PORT) -> NetworkPolicyConfig:
+        """From ``{"operatorNamespace": ..., "operatorPodLabels": {...}, "egress": [...]}``
+        (``kubetune operator --job-network-policy``; the chart renders it)."""
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"--job-network-policy is not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ValueError("--job-network-policy must be a JSON object")
+        namespace = data.get("operatorNamespace")
+        labels = data.get("operatorPodLabels")
+        egress = data.get("egress")
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError("--job-network-policy needs operatorNamespace (a namespace name)")
+        if not isinstance(labels, dict) or not labels:
+            raise ValueError(
+                "--job-network-policy needs operatorPodLabels: the operator pods' labels"
+            )
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise ValueError("--job-network-policy: operatorPodLabels must map strings to strings")
+        if egress is not None and (
+            not isinstance(egress, list) or not all(isinstance(r, dict) for r in egress)
+        ):
+            raise ValueError(
+                "--job-network-policy: egress must be a list of NetworkPolicy egress rules"
+            )
+        return cls(
+            operator_namespace=namespace,
+            operator_pod_labels=dict(labels),
+            progress_port=progress_port,
+            egress=None if egress is None else tuple(egress),
+        )
+
+
+DNS_PORTS = ({"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53})
+
+
+def attempt_network_policy(job: Mapping[str, Any], config: NetworkPolicyConfig) -> dict[str, Any]:
+    """The NetworkPolicy of one attempt, from its Job (as :func:`attempt_job` builds it).
+
+    Named like the attempt's Job and owned by the FineTuneJob, it selects exactly the
+    attempt's pods (their job and attempt labels). Ingress: the operator's pods on the
+    progress port, and the attempt's own pods on any port (torchrun's rendezvous, NCCL
+    and gloo use ephemeral ports); nothing else, so no other job's pods. Egress: see
+    :class:`NetworkPolicyConfig` (DNS and the attempt's own pods are always allowed).
+    """
+    meta = job["metadata"]
+    pods = {"matchLabels": dict(job["spec"]["template"]["metadata"]["labels"])}
+    operator = {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": config.operator_namespace}
+        },
+        "podSelector": {"matchLabels": dict(config.operator_pod_labels)},
+    }
+    spec: dict[str, Any] = {
+        "podSelector": pods,
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": [operator], "ports": [{"protocol": "TCP", "port": config.progress_port}]},
+            {"from": [{"podSelector": pods}]},
+        ],
+    }
+    if config.egress is not None:
+        spec["policyTypes"].append("Egress")
+        spec["egress"] = [
+            {"ports": [dict(p) for p in DNS_PORTS]},
+            {"to": [{"podSelector": pods}]},
+            *(json.loads(json.dumps(rule)) for rule in config.egress),
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta.get("namespace"),
+            "labels": dict(pods["matchLabels"]),
+            "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
+        },
+        "spec": spec,
     }

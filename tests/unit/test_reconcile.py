@@ -787,3 +787,174 @@ def test_a_retry_the_status_never_recorded_still_gets_its_event() -> None:
         image=IMAGE,
     )
     assert recorded.events == []  # once the status has the retry, nothing is owed
+
+
+# -- TTL cleanup of a finished job's workloads -----------------------------------------------
+
+FINISHED_AT = NOW - timedelta(hours=1)
+
+
+def _succeeded(**extra: Any) -> dict[str, Any]:
+    """A job whose success is recorded (an hour before NOW), as the operator wrote it."""
+    done = reconcile(
+        _job({"state": "Running", "attempts": 1, "startTime": "2026-11-23T10:00:00Z"}),
+        [_attempt(1, condition="Complete")],
+        [_pod(1, "Succeeded", **_terminated(0, {"artifact": ARTIFACT}))],
+        image=IMAGE,
+        now=FINISHED_AT,
+    )
+    assert done.status["state"] == "Succeeded"
+    return {**done.status, **extra}
+
+
+ARTIFACT = {"uri": "s3://out/job/adapter", "digest": "sha256:ab", "sizeBytes": 3}
+SUCCEEDED_WORKLOADS = [_attempt(1, condition="Complete")], [_pod(1, "Succeeded")]
+
+
+@pytest.mark.parametrize(
+    ("default", "spec_ttl", "cleaned"),
+    [
+        (None, None, False),  # no default, nothing in the spec: kept for ever
+        (7200, None, False),  # the operator's default has not passed yet
+        (3600, None, True),  # ... and now it has (an hour exactly)
+        (None, 0, True),  # 0: as soon as the finish is recorded
+        (60, 86400, False),  # the spec wins over the operator's default
+        (86400, 60, True),
+    ],
+)
+def test_a_finished_jobs_workloads_are_deleted_after_its_ttl(
+    default: int | None, spec_ttl: int | None, cleaned: bool
+) -> None:
+    spec = {} if spec_ttl is None else {"ttlSecondsAfterFinished": spec_ttl}
+    decision = reconcile(
+        _job(_succeeded(), **spec),
+        *SUCCEEDED_WORKLOADS,
+        image=IMAGE,
+        now=NOW,
+        ttl_seconds_after_finished=default,
+    )
+    assert decision.create_job is None and decision.status["state"] == "Succeeded"
+    if not cleaned:
+        assert decision.delete_jobs == [] and decision.delete_network_policies == []
+        assert decision.events == []
+        assert all(x["type"] != "WorkloadsDeleted" for x in decision.status["conditions"])
+        return
+    assert decision.delete_jobs == ["job-attempt-1"]
+    assert decision.delete_network_policies == ["job-attempt-1"]
+    assert decision.delete_services == []  # one node: it never had a Service
+    deleted = _condition(decision, "WorkloadsDeleted")
+    assert deleted["status"] == "True" and deleted["reason"] == "TTLExpired"
+    assert [(e.type, e.reason, e.action) for e in decision.events] == [
+        ("Normal", "WorkloadsDeleted", "DeleteWorkloads")
+    ]
+    assert decision.events[0].message == deleted["message"]
+
+
+def test_a_job_is_not_cleaned_up_before_its_finish_is_recorded() -> None:
+    """The reconcile that sees the attempt complete records the result first; even with
+    ttlSecondsAfterFinished 0 the Jobs are deleted only by a later reconcile."""
+    running = {"state": "Running", "attempts": 1, "startTime": "2026-11-23T10:00:00Z"}
+    decision = reconcile(
+        _job(running, ttlSecondsAfterFinished=0),
+        *SUCCEEDED_WORKLOADS,
+        image=IMAGE,
+        now=NOW,
+        ttl_seconds_after_finished=0,
+    )
+    assert decision.status["state"] == "Succeeded" and decision.delete_jobs == []
+
+
+def test_every_attempts_jobs_network_policies_and_the_service_go() -> None:
+    failed, failed_pod = _failed_first_attempt()
+    status = {
+        "state": "Failed",
+        "attempts": 2,
+        "completionTime": "2026-11-23T11:00:00Z",
+        "conditions": [],
+    }
+    decision = reconcile(
+        _job(status),
+        [failed, _attempt(2, nodes=2, condition="Failed")],
+        [failed_pod, _pod(2, "Failed"), _pod(2, "Failed", index=1)],
+        image=IMAGE,
+        now=NOW,
+        ttl_seconds_after_finished=3600,
+    )
+    assert decision.delete_jobs == ["job-attempt-1", "job-attempt-2"]
+    assert decision.delete_network_policies == ["job-attempt-1", "job-attempt-2"]
+    assert decision.delete_services == ["ftj-job"]
+    assert decision.status["state"] == "Failed" and decision.create_job is None
+
+
+def test_the_last_failed_attempts_pod_is_kept_until_the_ttl() -> None:
+    failed, failed_pod = _failed_first_attempt()
+    status = {"state": "Failed", "attempts": 1, "completionTime": "2026-11-23T11:30:00Z"}
+    decision = reconcile(
+        _job(status), [failed], [failed_pod], image=IMAGE, now=NOW, ttl_seconds_after_finished=3600
+    )
+    assert decision.delete_jobs == [] and decision.events == []
+
+
+@pytest.mark.parametrize("cleaned_up", [True, False])
+@pytest.mark.parametrize("state", ["Succeeded", "Failed"])
+def test_a_finished_job_whose_jobs_are_gone_stays_finished(cleaned_up: bool, state: str) -> None:
+    """Once its Jobs and pods are deleted, a finished job stays as it was: no new attempt,
+    status, startTime, attempts and artifact kept. Also when the operator died after the
+    deletes and before recording them (cleaned_up False): the deletes are repeated (they
+    find nothing), nothing else happens."""
+    status, workloads = _succeeded(), SUCCEEDED_WORKLOADS
+    if state == "Failed":  # retryLimit 0: the first failure fails the job
+        failed, failed_pod = _failed_first_attempt(retryLimit=0)
+        workloads = [failed], [failed_pod]
+        running = {"state": "Running", "attempts": 1, "startTime": "2026-11-23T10:00:00Z"}
+        status = reconcile(_job(running, retryLimit=0), *workloads, image=IMAGE, now=NOW).status
+        assert status["state"] == "Failed"
+        status["artifact"] = ARTIFACT  # (none in truth: kept all the same)
+    if cleaned_up:
+        first = reconcile(
+            _job(status), *workloads, image=IMAGE, now=NOW, ttl_seconds_after_finished=0
+        )
+        assert first.delete_jobs == ["job-attempt-1"]
+        status = first.status
+    for default in (0, None):
+        later = reconcile(
+            _job(status),
+            [],
+            [],
+            image=IMAGE,
+            now=NOW + timedelta(days=3),
+            ttl_seconds_after_finished=default,
+        )
+        assert later.create_job is None and later.create_service is None
+        assert later.delete_jobs == [] and later.suspend_jobs == []
+        for key in ("state", "message", "startTime", "completionTime", "attempts", "artifact"):
+            assert later.status.get(key) == status.get(key), key
+        assert later.status["artifact"] == ARTIFACT and later.status["attempts"] == 1
+        if cleaned_up or default is None:
+            assert later.events == [] and later.delete_network_policies == []
+            assert later.status["conditions"] == status["conditions"]
+        else:
+            assert later.delete_network_policies == ["job-attempt-1"]
+            assert [e.reason for e in later.events] == ["WorkloadsDeleted"]
+
+
+def test_a_cleanup_event_derived_again_after_a_crash_is_the_same_event() -> None:
+    status = _succeeded()
+    first = reconcile(
+        _job(status), *SUCCEEDED_WORKLOADS, image=IMAGE, now=NOW, ttl_seconds_after_finished=0
+    )
+    again = reconcile(_job(status), [], [], image=IMAGE, now=NOW, ttl_seconds_after_finished=0)
+    assert first.events == again.events  # same transition origin: one Event of that name
+
+
+def test_a_retrying_job_keeps_its_attempts_and_start_time_when_an_earlier_job_is_gone() -> None:
+    """Attempt 1's Job was deleted (by hand, or by any cleanup) while attempt 2 trains."""
+    started = "2026-11-23T10:00:00Z"
+    status = {"state": "Retrying", "attempts": 2, "startTime": started, "message": "retry"}
+    decision = reconcile(_job(status), [_attempt(2)], [_pod(2, "Running")], image=IMAGE, now=NOW)
+    assert decision.create_job is None and decision.delete_jobs == []
+    assert decision.status["attempts"] == 2 and decision.status["startTime"] == started
+    assert decision.status["state"] == "Running"
+    pending = reconcile(_job(status), [_attempt(2)], [], image=IMAGE, now=NOW)
+    assert pending.create_job is None and pending.status["attempts"] == 2
+    assert pending.status["startTime"] == started

@@ -253,3 +253,85 @@ def test_without_tracking_no_mlflow_and_tensorboard_on() -> None:
     assert not [name for name in env if name.startswith("MLFLOW_")]
     config = TrainerConfig.from_json(env["KUBETUNE_CONFIG"]["value"])
     assert config.tracking.mlflow is None and config.tracking.tensorboard is True
+
+
+# -- per-attempt NetworkPolicy -------------------------------------------------------------
+
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/component": "operator"}
+
+
+def _policy(egress: Any = None) -> dict[str, Any]:
+    from kubetune_operator.workload import NetworkPolicyConfig, attempt_network_policy
+
+    config = NetworkPolicyConfig.from_json(
+        json.dumps(
+            {"operatorNamespace": "kubetune-system", "operatorPodLabels": OPERATOR_LABELS}
+            | ({} if egress is None else {"egress": egress})
+        ),
+        progress_port=8080,
+    )
+    return attempt_network_policy(_job(), config)
+
+
+def test_an_attempts_network_policy_selects_exactly_its_pods_and_lets_in_the_operator() -> None:
+    job = _job()
+    policy = _policy()
+    pods = job["spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"]["name"] == job["metadata"]["name"]  # <job>-attempt-2
+    assert policy["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": pods}
+    assert (
+        pods["kubetune.io/attempt"] == "2" and pods["kubetune.io/job"] == "llama3-8b-support-qlora"
+    )
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and "egress" not in policy["spec"]
+    operator, peers = policy["spec"]["ingress"]
+    assert operator == {
+        "from": [
+            {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": "kubetune-system"}
+                },
+                "podSelector": {"matchLabels": OPERATOR_LABELS},
+            }
+        ],
+        "ports": [{"protocol": "TCP", "port": 8080}],
+    }
+    assert peers == {"from": [{"podSelector": {"matchLabels": pods}}]}  # rendezvous: any port
+
+
+def test_restricted_egress_allows_dns_the_attempts_pods_and_the_configured_rules() -> None:
+    store = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443}]}
+    policy = _policy(egress=[store])
+    pods = policy["spec"]["podSelector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    dns, peers, configured = policy["spec"]["egress"]
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert peers == {"to": [{"podSelector": pods}]}
+    assert configured == store
+    assert _policy(egress=[])["spec"]["egress"][2:] == []  # DNS and the ranks only
+
+
+def test_network_policy_is_accepted_by_the_kubernetes_client_models() -> None:
+    from kubernetes.client import ApiClient, V1NetworkPolicy
+
+    policy = ApiClient()._ApiClient__deserialize(
+        _policy(egress=[{"ports": [{"port": 443}]}]), V1NetworkPolicy
+    )
+    assert policy.spec.ingress[0].ports[0].port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("nope", "not JSON"),
+        ('{"operatorPodLabels": {"a": "b"}}', "operatorNamespace"),
+        ('{"operatorNamespace": "ns"}', "operatorPodLabels"),
+        ('{"operatorNamespace": "ns", "operatorPodLabels": {"a": 1}}', "strings"),
+        ('{"operatorNamespace": "ns", "operatorPodLabels": {"a": "b"}, "egress": {}}', "list"),
+    ],
+)
+def test_a_bad_network_policy_setting_says_what_is_wrong(text: str, says: str) -> None:
+    from kubetune_operator.workload import NetworkPolicyConfig
+
+    with pytest.raises(ValueError, match=says):
+        NetworkPolicyConfig.from_json(text)

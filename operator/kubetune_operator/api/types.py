@@ -688,6 +688,16 @@ class FineTuneJobSpec(ApiModel):
     activeDeadlineSeconds: int | None = Field(
         default=None, ge=1, description="Fail the job when it has run longer than this."
     )
+    ttlSecondsAfterFinished: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Seconds after the job finished (status.completionTime) when its attempts' "
+            "Jobs, pods, Service and NetworkPolicies are deleted; the job, its status, "
+            "Events and artifact are kept. 0: at once. Unset: the operator's default "
+            "(the chart's operator.ttlSecondsAfterFinished, 86400)."
+        ),
+    )
     suspend: bool = Field(
         default=False,
         description="true stops the trainer (checkpointing first); false resumes it.",
