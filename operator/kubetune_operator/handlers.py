@@ -233,7 +233,8 @@ class Reconciler:
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             trials = self.api.list_trials(namespace, name, SWEEP_LABEL)
-            self._apply_sweep(body, reconcile_sweep(body, trials), logger)
+            policies = self.tenancy.policies(namespace)
+            self._apply_sweep(body, reconcile_sweep(body, trials, policies=policies), logger)
 
     def _apply_sweep(self, body: dict[str, Any], decision: SweepDecision, logger: Any) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]

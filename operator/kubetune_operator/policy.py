@@ -26,6 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api.policy import FineTunePolicy
+from .api.sweep import (
+    FineTuneSweepSpec,
+    apply_parameters,
+    shown,
+    spec_field,
+    spec_value,
+    template_dict,
+)
 from .api.types import FineTuneJobSpec
 from .workload import JOB_LABEL, PRIORITY_LABEL, QUEUE_LABEL
 
@@ -114,6 +122,53 @@ def violations(spec: FineTuneJobSpec, policy: FineTunePolicy) -> list[Violation]
 def all_violations(spec: FineTuneJobSpec, policies: Sequence[FineTunePolicy]) -> list[Violation]:
     """What ``spec`` breaks of every policy of its namespace."""
     return [v for policy in _by_name(policies) for v in violations(spec, policy)]
+
+
+def sweep_violations(
+    spec: FineTuneSweepSpec, policies: Sequence[FineTunePolicy]
+) -> list[Violation]:
+    """What a sweep's trials would break: the template itself, the template with each
+    parameter at each of its values or bounds, and with every integer parameter at its
+    largest value at once (nodes × gpus). The operator marks such a sweep Invalid (reason
+    PolicyViolation) instead of creating trials that the admission policy or the
+    operator would refuse. Call it on a sweep that passed ``sweep_problems``."""
+    found = [
+        Violation(
+            "spec.template." + v.field.removeprefix("spec."),
+            v.rule,
+            f"spec.template.{v.message.removeprefix('spec.')}",
+        )
+        for v in all_violations(spec.template, policies)
+    ]
+    broken = {v.rule for v in found}
+    template = template_dict(spec)
+    variants: list[tuple[str, dict[str, Any]]] = []
+    for i, param in enumerate(spec.parameters):
+        field = spec_field(param.path)
+        values = param.values if param.type == "categorical" else [param.low, param.high]
+        for value in values or ():
+            change = {param.path: spec_value(field, value)}
+            variants.append((f"spec.parameters[{i}]", change))
+    highs: dict[str, Any] = {}  # every integer parameter at its largest value
+    for param in spec.parameters:
+        numbers = [v for v in param.values or () if isinstance(v, int)]
+        if param.type == "int":
+            highs[param.path] = param.high
+        elif param.type == "categorical" and numbers and len(numbers) == len(param.values or ()):
+            highs[param.path] = max(numbers)
+    if len(highs) > 1:
+        variants.append(("spec.parameters", highs))
+    for at, change in variants:
+        trial = FineTuneJobSpec.model_validate(apply_parameters(template, change))
+        for v in all_violations(trial, policies):
+            if v.rule in broken:
+                continue  # one message per rule
+            broken.add(v.rule)
+            setting = ", ".join(f"{path} = {shown(value)}" for path, value in change.items())
+            found.append(
+                Violation(at, v.rule, f"{at}: with {setting} a trial breaks it: {v.message}")
+            )
+    return found
 
 
 def _by_name(policies: Iterable[FineTunePolicy]) -> list[FineTunePolicy]:

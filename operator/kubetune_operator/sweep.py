@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
 from . import conditions as c
+from .api.policy import FineTunePolicy
 from .api.sweep import (
     API_VERSION,
     JOB_KIND,
@@ -61,6 +62,7 @@ from .api.sweep import (
 )
 from .api.types import FineTuneJobSpec
 from .api.validation import InvalidManifest, Problem, problems_of
+from .policy import POLICY_VIOLATION, sweep_violations
 from .reconcile import Event, transition_origin
 from .workload import KUEUE_LABELS
 
@@ -597,9 +599,12 @@ def reconcile_sweep(
     *,
     now: datetime | None = None,
     require_object_storage: bool = True,
+    policies: Sequence[FineTunePolicy] = (),
 ) -> SweepDecision:
     """The next step for the FineTuneSweep ``body`` given its ``trials`` (the FineTuneJobs
-    labelled ``kubetune.io/sweep=<name>``, with their status).
+    labelled ``kubetune.io/sweep=<name>``, with their status) and its namespace's
+    FineTunePolicies (trials that would break them are not created: the sweep is Invalid,
+    reason PolicyViolation).
 
     ``require_object_storage`` is False only for ``kubetune sweep`` (local outputs)."""
     b = _Builder(body, now or datetime.now(UTC))
@@ -611,6 +616,10 @@ def reconcile_sweep(
     if problems:
         message = "; ".join(str(p).replace("\n    hint:", " — hint:") for p in problems)
         b.state("Invalid", "InvalidSpec", message, warning=True)
+        return b.finish()
+    refused = sweep_violations(sweep.spec, policies) if policies else []
+    if refused:
+        b.state("Invalid", POLICY_VIOLATION, "; ".join(v.message for v in refused), warning=True)
         return b.finish()
     spec = sweep.spec
     space = Space(spec)

@@ -37,6 +37,7 @@ from kubetune_operator.policy import (
     with_defaults,
 )
 from kubetune_operator.reconcile import reconcile
+from kubetune_operator.sweep import reconcile_sweep
 from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL, PRIORITY_LABEL, QUEUE_LABEL
 
 pytestmark = pytest.mark.unit
@@ -504,3 +505,49 @@ def test_default_queue_goes_on_the_attempt_job() -> None:
     labels = decision.create_job["metadata"]["labels"]
     assert labels[QUEUE_LABEL] == "team-a-queue" and labels[PRIORITY_LABEL] == "low"
     assert decision.create_job["spec"]["suspend"] is True  # Kueue admits it
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _sweep(parameters: list[dict[str, Any]], **template: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": "sw", "namespace": "team-a", "uid": "s", "generation": 1},
+        "spec": {
+            "template": {**_spec(**template), "training": {"maxSteps": 10}},
+            "parameters": parameters,
+            "objective": {"metric": "trainLoss"},
+            "maxTrials": 4,
+        },
+    }
+
+
+def test_a_sweep_whose_trials_would_break_the_policy_is_refused() -> None:
+    nodes = {"path": "resources.nodes", "type": "int", "low": 1, "high": 4}
+    gpus = {"path": "resources.gpus", "type": "categorical", "values": [1, 8]}
+    policy = [_policy(maxNodes=2, maxGpusPerJob=8)]
+    decision = reconcile_sweep(_sweep([nodes, gpus]), [], policies=policy)
+    assert decision.create_trials == []
+    assert decision.status["state"] == "Invalid"
+    assert decision.status["message"] == (
+        "spec.parameters[0]: with resources.nodes = 4 a trial breaks it: spec.resources.nodes: "
+        "4 is over the limit of FineTunePolicy team-a: spec.maxNodes is 2; "
+        "spec.parameters: with resources.nodes = 4, resources.gpus = 8 a trial breaks it: "
+        "spec.resources: 32 GPUs (nodes × gpus) are over the limit of FineTunePolicy team-a: "
+        "spec.maxGpusPerJob is 8"
+    )
+    (event,) = decision.events
+    assert (event.type, event.reason) == ("Warning", "PolicyViolation")
+    # The template itself, named as the sweep's field.
+    template = reconcile_sweep(
+        _sweep([gpus], image="evil:1"), [], policies=[_policy(allowedImages=["ok/"])]
+    )
+    assert template.status["message"].startswith("spec.template.image: 'evil:1' is not")
+
+
+def test_a_sweep_within_the_policy_creates_trials() -> None:
+    lr = {"path": "training.learningRate", "type": "logUniform", "low": "1e-5", "high": "1e-3"}
+    decision = reconcile_sweep(_sweep([lr]), [], policies=[_policy(maxNodes=1, **MODELS)])
+    assert decision.status["state"] != "Invalid" and decision.create_trials
