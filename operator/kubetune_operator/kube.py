@@ -208,13 +208,19 @@ class KubeApi:
         )
 
     def list_policies(self, namespace: str) -> list[dict[str, Any]]:
-        """The namespace's FineTunePolicies (read only: the platform team writes them)."""
-        answer = self._call(
-            "list_policies",
-            lambda: self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, POLICY_PLURAL
-            ),
-        )
+        """The namespace's FineTunePolicies (read only: the platform team writes them); none
+        while their CRD is not installed (an upgrade that skipped `kubectl apply` of crds/)."""
+        try:
+            answer = self._call(
+                "list_policies",
+                lambda: self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, POLICY_PLURAL
+                ),
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return []
+            raise
         return list((answer or {}).get("items") or [])
 
     def list_workloads(self, namespace: str, job_uid: str) -> list[dict[str, Any]]:
