@@ -9,6 +9,9 @@ from typing import Any
 from .api.types import TrackingStatus
 from .workload import PROGRESS_PORT
 
+WARNINGS_KEPT = 10  # the trainer's data warnings copied into status.dataWarnings
+WARNING_CHARS = 300
+
 
 def progress_url(pod_ip: str, port: int = PROGRESS_PORT) -> str:
     return f"http://{pod_ip}:{port}/progress"
@@ -81,6 +84,9 @@ def status_from_progress(progress: dict[str, Any], checkpoint_time: str) -> dict
     tracking = tracking_status(progress.get("tracking"))
     if tracking:
         status["tracking"] = tracking
+    warnings = progress.get("warnings")
+    if isinstance(warnings, list) and warnings:
+        status["dataWarnings"] = [str(w)[:WARNING_CHARS] for w in warnings[:WARNINGS_KEPT]]
     if progress.get("last_checkpoint_step") is not None:
         status["lastCheckpoint"] = {
             "step": int(progress["last_checkpoint_step"]),

@@ -45,6 +45,17 @@ def test_status_from_progress() -> None:
     assert history["evaluations"] == [{"step": 10, "evalLoss": 2.25}, {"step": 20, "evalLoss": 1.9}]
 
 
+def test_data_warnings_become_status_data_warnings_once() -> None:
+    warnings = ["49 of 50 training rows repeat an earlier row exactly and were dropped"]
+    status = status_from_progress({**REPORT, "warnings": warnings}, "t")
+    assert status["dataWarnings"] == warnings
+    FineTuneJobStatus.model_validate(status)  # the schema has the field (else pruned)
+    assert "dataWarnings" not in changed_fields(status, status)
+    assert "dataWarnings" not in status_from_progress({**REPORT, "warnings": []}, "t")
+    many = status_from_progress({**REPORT, "warnings": ["x" * 1000] * 30}, "t")
+    assert len(many["dataWarnings"]) == 10 and len(many["dataWarnings"][0]) == 300
+
+
 def test_unchanged_report_writes_nothing() -> None:
     first = status_from_progress(REPORT, "2026-11-23T12:00:00Z")
     later = status_from_progress({**REPORT, "eta_seconds": 85}, "2026-11-23T12:00:05Z")

@@ -884,6 +884,14 @@ class FineTuneJobStatus(ApiModel):
     gpuUsage: list[AttemptGpuUsage] | None = Field(
         default=None, description="GPU-seconds per attempt (their sum is gpuSeconds)."
     )
+    dataWarnings: list[str] | None = Field(
+        default=None,
+        description=(
+            "What the trainer dropped or cut from the data without failing (duplicate "
+            "rows, validation examples also in the training data, truncated examples), "
+            "from its progress report."
+        ),
+    )
     message: str | None = Field(default=None, description="Human-readable summary.")
 
 
