@@ -24,6 +24,10 @@ ResolvedStrategy = Literal["single", "ddp", "fsdp"]
 # JSON the operator sets on a cluster's trainer pods: {"earlierAttemptsGpuSeconds",
 # "gpusPerPod", "pods"}; the artifact's manifest records GPU time from it (artifact.py).
 GPU_ACCOUNTING_ENV = "KUBETUNE_GPU_ACCOUNTING"
+# A directory shared by attempts and jobs (the operator mounts the chart's modelCache
+# PVC there) where base models from s3:// and hf:// are cached (model_cache.py); unset:
+# every attempt downloads its base model into its own scratch space.
+MODEL_CACHE_ENV = "KUBETUNE_MODEL_CACHE"
 
 
 class _Strict(BaseModel):

@@ -191,6 +191,8 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
             lines.append(f"  first step   {first['total']:.1f}s after start ({parts})")
         if state.fast_paths:
             lines.append(f"  fast paths   {', '.join(state.fast_paths)}")
+        if state.model_cache:
+            lines.append(f"  model cache  {_cache_line(state.model_cache)}")
     stats = outcome.stats
     if "train_examples" in stats:
         lines.append(
@@ -224,6 +226,17 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
     lines.append(f"  {outcome.kind:<13}{outcome.artifact.uri}")  # adapter, or model (full)
     lines.append(f"  digest       {outcome.artifact.digest}")
     print("\n".join(lines))
+
+
+def _cache_line(report: dict[str, Any]) -> str:
+    """The summary's line about the shared model cache (model_cache.CacheResult.report)."""
+    size = f"{int(report.get('bytes') or 0) / 1e6:.1f} MB"
+    if report.get("hit"):
+        waited = float(report.get("waitedSeconds") or 0.0)
+        saved = float(report.get("savedSeconds") or 0.0)
+        line = f"hit ({size}): saved a {saved:.1f}s download"
+        return line + (f", waited {waited:.1f}s for another download" if waited >= 0.05 else "")
+    return f"miss ({size}): downloaded in {float(report.get('downloadSeconds') or 0.0):.1f}s"
 
 
 def _change(before: float, after: float) -> str:

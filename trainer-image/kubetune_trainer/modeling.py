@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 
 from .config import MethodConfig, ModelConfig, QuantizationConfig
 from .errors import ConfigInvalid, ModelInvalid, Unsupported
+from .model_cache import HUB_PATTERNS, CacheResult, HubSource, ModelCache, S3Source
 from .storage import S3Settings, fetch_to_local
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -23,13 +26,31 @@ def resolve_model_dir(
     settings: S3Settings | None = None,
 ) -> Path:
     """A local directory holding the model's config, weights and tokenizer."""
+    return resolve_model(model, cache_dir, endpoint_url=endpoint_url, settings=settings)[0]
+
+
+def resolve_model(
+    model: ModelConfig,
+    cache_dir: Path,
+    *,
+    endpoint_url: str | None = None,
+    settings: S3Settings | None = None,
+    model_cache: ModelCache | None = None,
+) -> tuple[Path, CacheResult | None]:
+    """The model's local directory, and what the shared model cache did (None without
+    one, and for local paths, which are not copied)."""
     source = model.source
-    if source.startswith("hf://"):
-        return _from_hub(model, cache_dir)
+    cached: CacheResult | None = None
     try:
-        local = fetch_to_local(
-            source, cache_dir / "model", endpoint_url=endpoint_url, settings=settings
-        )
+        if model_cache is not None and source.startswith(("hf://", "s3://")):
+            cached = _from_cache(model, model_cache, endpoint_url, settings)
+            local = cached.path
+        elif source.startswith("hf://"):
+            return _from_hub(model, cache_dir), None
+        else:
+            local = fetch_to_local(
+                source, cache_dir / "model", endpoint_url=endpoint_url, settings=settings
+            )
     except ConfigInvalid as missing:  # nothing at that path or prefix: the model is missing
         if "does not exist" not in missing.message or "bucket" in missing.message:
             raise  # a malformed URI or a missing bucket: the configuration's fault
@@ -48,23 +69,57 @@ def resolve_model_dir(
             f"model source {source} has no weights (*.safetensors or *.bin)",
             hint="save the model with save_pretrained, or check the path",
         )
-    return local
+    return local, cached
+
+
+def _from_cache(
+    model: ModelConfig,
+    model_cache: ModelCache,
+    endpoint_url: str | None,
+    settings: S3Settings | None,
+) -> CacheResult:
+    if not model.source.startswith("hf://"):
+        return model_cache.fetch(
+            S3Source(model.source, endpoint_url=endpoint_url, settings=settings)
+        )
+    token = os.environ.get(model.token_env) if model.token_env else None
+    repo_id = model.source.removeprefix("hf://")
+    with _hub_errors(repo_id):
+        return model_cache.fetch(HubSource(repo_id, model.revision, token))
 
 
 def _from_hub(model: ModelConfig, cache_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     repo_id = model.source.removeprefix("hf://")
     token = os.environ.get(model.token_env) if model.token_env else None
-    try:
+    with _hub_errors(repo_id):
         path = snapshot_download(
             repo_id,
             revision=model.revision,
             token=token,
             cache_dir=str(cache_dir / "hub"),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            allow_patterns=list(HUB_PATTERNS),
         )
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str) -> Iterator[None]:
+    """The hub's refusals as ModelInvalid, naming the fix."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        yield
+    except RevisionNotFoundError:
+        raise ModelInvalid(
+            f"hf://{repo_id} has no revision named by spec.model.revision",
+            hint="set spec.model.revision to a branch, tag or commit of the model",
+        ) from None
     except GatedRepoError:
         raise ModelInvalid(
             f"hf://{repo_id} is gated and the token cannot access it",
@@ -75,7 +130,6 @@ def _from_hub(model: ModelConfig, cache_dir: Path) -> Path:
             f"hf://{repo_id} was not found (or is private)",
             hint="check the id, or set spec.model.tokenSecretRef for a private model",
         ) from None
-    return Path(path)
 
 
 def _quantization(quant: QuantizationConfig) -> Any:

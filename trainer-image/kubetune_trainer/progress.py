@@ -61,6 +61,9 @@ class ProgressState:
     # "total"; filled as the stages finish.
     time_to_first_step: dict[str, float] = field(default_factory=dict)
     fast_paths: list[str] = field(default_factory=list)  # GPU fast paths in use
+    # What the shared model cache did (model_cache.CacheResult.report: hit, bytes,
+    # downloadSeconds, savedSeconds, ...); empty without a cache.
+    model_cache: dict[str, Any] = field(default_factory=dict)
     # Experiment tracking (tracking.Tracker.status): {"mlflow": "ok" | "off" |
     # "unavailable: <reason>", "runId", "runUrl", "tensorboard": "on" | "off", ...}
     tracking: dict[str, str] = field(default_factory=dict)

@@ -91,6 +91,17 @@ class S3Settings:
         return Backoff(patience=self.retry_seconds)
 
 
+@dataclass(frozen=True, order=True)
+class ObjectInfo:
+    """One object of an S3 listing: its key (relative to the store's root), size and ETag
+    (without quotes; the MD5 of the content for a single-part upload, "<md5>-<parts>"
+    for a multipart one)."""
+
+    key: str
+    size: int
+    etag: str
+
+
 class Store(ABC):
     """Objects under one root; keys are relative to it and "/"-separated."""
 
@@ -375,6 +386,28 @@ class S3Store(Store):
 
     def list(self, key_prefix: str = "") -> builtins.list[str]:
         return sorted(self._relative(key) for key in self._list_full(key_prefix))
+
+    def list_details(self, key_prefix: str = "") -> builtins.list[ObjectInfo]:
+        """The objects under ``key_prefix`` with their sizes and ETags, sorted by key (one
+        LIST per 1000 keys, no GET: what the model cache checks a copy against)."""
+
+        def list_all() -> builtins.list[ObjectInfo]:  # from the first page again on a retry
+            found: builtins.list[ObjectInfo] = []
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._full(key_prefix)
+            )
+            for page in pages:
+                found += [
+                    ObjectInfo(
+                        self._relative(item["Key"]),
+                        int(item.get("Size", 0)),
+                        str(item.get("ETag", "")).strip('"'),
+                    )
+                    for item in page.get("Contents", [])
+                ]
+            return sorted(found)
+
+        return self._call("listing", key_prefix, list_all)
 
     def delete_prefix(self, key_prefix: str) -> None:
         keys = self._list_full(key_prefix)

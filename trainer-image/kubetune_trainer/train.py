@@ -437,7 +437,8 @@ def _run(
 
     from . import data as data_stage
     from . import packing
-    from .modeling import build_model, resolve_model_dir, resolve_precision
+    from .model_cache import ModelCache
+    from .modeling import build_model, resolve_model, resolve_precision
 
     clock = StartupClock(state)
     world = World.from_env()
@@ -509,7 +510,16 @@ def _run(
     if existing.action == "reuse" and existing.manifest is not None:
         return _reused_result(store, artifact_key, existing.manifest, state)
 
-    model_dir = resolve_model_dir(config.model, cache, endpoint_url=endpoint, settings=s3)
+    model_dir, cached = resolve_model(
+        config.model,
+        cache,
+        endpoint_url=endpoint,
+        settings=s3,
+        model_cache=ModelCache.from_env(os.environ),  # $KUBETUNE_MODEL_CACHE, if set
+    )
+    if cached is not None:  # the log, /progress, the summary and the artifact's manifest
+        state.model_cache = cached.report()
+        log.info("model cache %s", cached.summary())
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -803,6 +813,8 @@ def _publish(
         details["rows_per_device_step"] = state.rows_per_device_step
         details["time_to_first_step"] = dict(state.time_to_first_step)
         details["fast_paths"] = list(state.fast_paths)
+        if state.model_cache:  # hit or miss, bytes, the download time saved
+            details["model_cache"] = dict(state.model_cache)
     gpu_time = gpu_time_at_publish(os.environ, process_start_time(), time.time())
     if gpu_time is not None:  # set by the operator on a cluster
         details["gpu_time_at_publish"] = gpu_time
