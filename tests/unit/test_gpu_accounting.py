@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from kubetune_operator.accounting import account, gpu_status, pod_held_seconds
+from kubetune_operator.api.crd import crd
 from kubetune_operator.api.types import FineTuneJobStatus
 from kubetune_operator.handlers import OperatorConfig, Reconciler
 from kubetune_operator.metrics import OperatorMetrics
@@ -300,7 +301,7 @@ class StoredApi:
         self.body["status"] = {**(self.body.get("status") or {}), **patch}
 
     def __getattr__(self, name: str) -> Any:  # create_job, post_event, ...: accepted
-        return lambda *args, **kw: True
+        return lambda *args, **kw: [] if name.startswith("list_") else True
 
 
 def counted(metrics: OperatorMetrics, namespace: str = "team-a") -> float:
@@ -344,3 +345,11 @@ def test_the_counter_counts_status_growth_once_across_a_restart(monkeypatch) -> 
     exposition = generate_latest(restarted.registry).decode()
     assert 'kubetune_gpu_seconds_total{namespace="team-a"} 40.0' in exposition
     assert "name=" not in exposition.split("kubetune_gpu_seconds_total")[1].split("\n")[0]
+
+
+def test_kubectl_get_wide_shows_gpu_hours() -> None:
+    columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    column = next(c for c in columns if c["name"] == "GPU-Hours")
+    assert column["jsonPath"] == ".status.gpuHours"
+    assert column["priority"] == 1  # -o wide only
+    assert [c["name"] for c in columns][-2:] == ["GPU-Hours", "Age"]
