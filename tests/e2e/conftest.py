@@ -45,12 +45,17 @@ class Cluster:
 
     # -- the operator --------------------------------------------------------------------
 
-    def start_operator(self) -> OperatorThread:
+    def start_operator(self, **config: Any) -> OperatorThread:
+        """The operator in a thread; ``config``: OperatorConfig fields to set (e.g. the
+        TTL after finishing, the per-attempt NetworkPolicy)."""
         kubeconfig = self.kube.write_kubeconfig(self.tmp / "operator-kubeconfig", OPERATOR_USER)
+        settings: dict[str, Any] = {
+            "image": TRAINER_IMAGE,
+            "progress_interval_seconds": 1.0,
+            "resync_interval_seconds": 3.0,
+        }
         options = OperatorOptions(
-            config=OperatorConfig(
-                image=TRAINER_IMAGE, progress_interval_seconds=1.0, resync_interval_seconds=3.0
-            ),
+            config=OperatorConfig(**{**settings, **config}),
             kubeconfig=str(kubeconfig),
             metrics_address="127.0.0.1",
             metrics_port=self.metrics_port,

@@ -2,8 +2,10 @@
 granted-but-unused are both failures. The calls come from the emulator's audit log while
 the real operator handles an invalid job, a job that succeeds, a two-node job (its
 rendezvous Service), a sweep of one trial, a suspended job, a job waiting in a Kueue
-queue and a job deleted while it runs, under a FineTunePolicy that it reads and counts
-against (a stand-in trainer image keeps this fast)."""
+queue, a job deleted while it runs and a two-node job cleaned up after its TTL (its
+Jobs, Service and per-attempt NetworkPolicy deleted), under a FineTunePolicy that it reads
+and counts against, configured as the chart's defaults configure it (a NetworkPolicy per
+attempt, a TTL after finishing); a stand-in trainer image keeps this fast."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from chart_helpers import chart_rbac_rules
 from conftest import Cluster
 from harness import OPERATOR_USER, EmulatorServer, JobController, Kubelet, Kueue
+
+from kubetune_operator.workload import NetworkPolicyConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -55,8 +59,24 @@ def test_operator_uses_exactly_what_the_chart_grants(
                 "spec": {"maxConcurrentJobs": 100, "maxNodes": 2},
             },
         )
-        cluster.start_operator()
+        labels = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/instance": "kt"}
+        cluster.start_operator(
+            network_policy=NetworkPolicyConfig("kubetune-system", labels),
+            ttl_seconds_after_finished=86400,  # the chart's default
+        )
         try:
+            cleaned = cluster.tiny_job("cleaned", image="fake:ok", resources={"nodes": 2})
+            cleaned["spec"]["ttlSecondsAfterFinished"] = 0
+            cluster.apply(cleaned)
+            cluster.wait(
+                "cleaned",
+                lambda j: any(
+                    c["type"] == "WorkloadsDeleted"
+                    for c in (j.get("status") or {}).get("conditions") or []
+                ),
+                "its workloads deleted after its TTL",
+                timeout=30,
+            )
             cluster.apply(cluster.tiny_job("invalid", method={"type": "lora", "lora": {"r": 0}}))
             cluster.wait_state("invalid", "Invalid", timeout=30)
             cluster.apply(cluster.tiny_job("ok", image="fake:ok"))

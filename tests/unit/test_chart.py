@@ -391,7 +391,12 @@ EXPECTED_RULES = [
         "verbs": ["create", "list", "watch", "patch", "delete"],
     },
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["create", "delete"],
+    },
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
@@ -485,9 +490,9 @@ def test_network_policy_lets_only_the_operator_reach_trainer_progress(
     assert spec["policyTypes"] == ["Ingress"]  # egress untouched
     assert spec["podSelector"]["matchLabels"].items() <= trainer["metadata"]["labels"].items()
     assert not spec["podSelector"]["matchLabels"].items() <= operator_labels.items()
-    rule, ranks = spec["ingress"]
-    # The ranks of a multi-node job reach each other (rendezvous, NCCL/gloo: any port).
-    assert ranks == {"from": [{"podSelector": spec["podSelector"]}]}
+    # The ranks of a multi-node job reach each other through their attempt's own policy
+    # (networkPolicy.perJob, below), not through this one: no trainer-to-trainer rule here.
+    [rule] = spec["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
     [peer] = rule["from"]
     assert peer["namespaceSelector"] == {
@@ -498,12 +503,118 @@ def test_network_policy_lets_only_the_operator_reach_trainer_progress(
     policies = of_kind(custom, "NetworkPolicy")
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
     for policy in policies:  # the PodMonitor is on: Prometheus may scrape the trainers
-        assert len(policy["spec"]["ingress"]) == 3
-        assert policy["spec"]["ingress"][2]["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
+        assert len(policy["spec"]["ingress"]) == 2
+        assert policy["spec"]["ingress"][1]["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
 
 
 def test_network_policy_can_be_turned_off() -> None:
-    assert of_kind(render_manifests({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+    off = render_manifests({"networkPolicy": {"enabled": False}})
+    assert of_kind(off, "NetworkPolicy") == []
+    assert not any(a.startswith("--job-network-policy") for a in _operator_args(off))
+    assert not any(
+        r["apiGroups"] == ["networking.k8s.io"]
+        for r in chart_rbac_rules({"networkPolicy": {"enabled": False}})
+    )
+
+
+def _network_policy_config(manifests: list[dict[str, Any]]) -> Any:
+    from kubetune_operator.cli import build_parser
+    from kubetune_operator.workload import NetworkPolicyConfig
+
+    args = build_parser().parse_args(["operator", *_operator_args(manifests)])
+    assert args.job_network_policy, "the chart passes no --job-network-policy"
+    return NetworkPolicyConfig.from_json(args.job_network_policy, args.trainer_progress_port)
+
+
+def _attempt_policy(config: Any, attempt: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An attempt Job (of the example job) and the NetworkPolicy the operator gives it."""
+    from kubetune_operator.api.validation import parse_manifest
+    from kubetune_operator.workload import attempt_job, attempt_network_policy
+
+    job = parse_manifest(yaml.safe_load((ROOT / "examples" / "llama-8b-qlora.yaml").read_text()))
+    attempt = attempt_job(job, uid="u", attempt=attempt, image="trainer:test")
+    return attempt, attempt_network_policy(attempt, config)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_per_job_network_policies_let_in_only_the_operator_and_the_attempts_own_pods(
+    default: list[dict[str, Any]], custom: list[dict[str, Any]]
+) -> None:
+    """The operator's --job-network-policy (from the chart) selects the chart's operator
+    pods in the release namespace; an attempt's policy selects its pods and no others."""
+    from kubetune_operator.workload import PROGRESS_PORT
+
+    for manifests in (default, custom):
+        config = _network_policy_config(manifests)
+        operator_labels = _one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+        assert config.operator_namespace == RELEASE_NAMESPACE
+        assert config.operator_pod_labels.items() <= operator_labels.items()
+        assert config.egress is None  # egress not restricted unless asked
+        job, policy = _attempt_policy(config)
+        pod_labels = job["spec"]["template"]["metadata"]["labels"]
+        _, other_attempt = _attempt_policy(config, attempt=2)
+        other_pod = {**pod_labels, "kubetune.io/attempt": "2"}
+        other_job = {**pod_labels, "kubetune.io/job": "someone-else"}
+        operator_rule, ranks_rule = policy["spec"]["ingress"]
+        assert _selects(policy["spec"]["podSelector"], pod_labels)
+        for other in (other_pod, other_job, operator_labels):
+            assert not _selects(policy["spec"]["podSelector"], other)
+            assert not _selects(ranks_rule["from"][0]["podSelector"], other)
+        assert _selects(other_attempt["spec"]["podSelector"], other_pod)
+        assert operator_rule["ports"] == [{"protocol": "TCP", "port": PROGRESS_PORT}]
+        [peer] = operator_rule["from"]
+        assert _selects(peer["podSelector"], operator_labels)
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": RELEASE_NAMESPACE
+        }
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(policy, version, strict=True)
+
+
+def test_per_job_network_policies_restrict_egress_when_asked() -> None:
+    store = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443}]}
+    values = {"networkPolicy": {"perJob": {"restrictEgress": True, "egress": [store]}}}
+    config = _network_policy_config(render_manifests(values))
+    assert config.egress == (store,)
+    _, policy = _attempt_policy(config)
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["egress"][-1] == store
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+
+
+def test_per_job_network_policies_can_be_turned_off_alone() -> None:
+    """Without perJob the namespace-wide policy lets trainer pods reach each other again."""
+    values = {"networkPolicy": {"perJob": {"enabled": False}}}
+    manifests = render_manifests(values)
+    assert not any(a.startswith("--job-network-policy") for a in _operator_args(manifests))
+    spec = _one(manifests, "NetworkPolicy")["spec"]
+    assert spec["ingress"][1] == {"from": [{"podSelector": spec["podSelector"]}]}
+    rules = chart_rbac_rules(values)
+    assert [r for r in rules if r not in EXPECTED_RULES] == []
+    assert not any(r["apiGroups"] == ["networking.k8s.io"] for r in rules)
+
+
+@pytest.mark.parametrize(("ttl", "flag"), [(None, None), (0, 0), (3600, 3600)])
+def test_the_ttl_after_finished_reaches_the_operator(ttl: int | None, flag: int | None) -> None:
+    from kubetune_operator.cli import build_parser
+
+    values = {"operator": {"ttlSecondsAfterFinished": ttl}}
+    args = build_parser().parse_args(["operator", *_operator_args(render_manifests(values))])
+    assert args.ttl_seconds_after_finished == flag
+    deletes = {r["resources"][0] for r in chart_rbac_rules(values) if "delete" in r["verbs"]}
+    # Without a TTL nothing but attempt Jobs is ever deleted: no delete of the others.
+    assert deletes == ({"jobs"} if ttl is None else {"jobs", "services", "networkpolicies"})
+
+
+def test_the_charts_default_ttl_is_a_day(default: list[dict[str, Any]]) -> None:
+    from kubetune_operator.cli import build_parser
+
+    args = build_parser().parse_args(["operator", *_operator_args(default)])
+    assert args.ttl_seconds_after_finished == 86400
 
 
 # --------------------------------------------------------------------------- monitoring

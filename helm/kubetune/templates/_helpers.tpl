@@ -77,6 +77,26 @@ app.kubernetes.io/name: trainer
 {{- toJson $namespaces -}}
 {{- end -}}
 
+{{/* "true" when the operator gives each attempt a NetworkPolicy (networkPolicy.perJob). */}}
+{{- define "kubetune.perJobNetworkPolicy" -}}
+{{- if and .Values.networkPolicy.enabled .Values.networkPolicy.perJob.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the operator deletes finished jobs' workloads (operator.ttlSecondsAfterFinished). */}}
+{{- define "kubetune.cleanup" -}}
+{{- if not (kindIs "invalid" .Values.operator.ttlSecondsAfterFinished) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The operator's --job-network-policy: how the attempts' NetworkPolicies select the
+operator's pods, and the trainers' egress (operator/kubetune_operator/workload.py). */}}
+{{- define "kubetune.jobNetworkPolicyJson" -}}
+{{- $policy := dict "operatorNamespace" .Release.Namespace "operatorPodLabels" (include "kubetune.selectorLabels" . | fromYaml) -}}
+{{- if .Values.networkPolicy.perJob.restrictEgress -}}
+{{- $_ := set $policy "egress" (.Values.networkPolicy.perJob.egress | default list) -}}
+{{- end -}}
+{{- toJson $policy -}}
+{{- end -}}
+
 {{/* The RBAC rules: exactly the API calls the operator makes (see
 operator/kubetune_operator/kube.py and handlers.py). No Secrets, no wildcards. */}}
 {{- define "kubetune.rbacRules" -}}
@@ -108,7 +128,12 @@ operator/kubetune_operator/kube.py and handlers.py). No Secrets, no wildcards. *
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create"]
+  verbs: {{ if include "kubetune.cleanup" . }}["create", "delete"]{{ else }}["create"]{{ end }}
+{{- if include "kubetune.perJobNetworkPolicy" . }}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: {{ if include "kubetune.cleanup" . }}["create", "delete"]{{ else }}["create"]{{ end }}
+{{- end }}
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
   verbs: ["list"]
