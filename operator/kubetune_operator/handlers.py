@@ -15,6 +15,10 @@
 - a decision is applied in order: workloads (create, suspend, delete), then its Events
   (posted here, named per transition: :mod:`~kubetune_operator.events`), then the status
   patch that records them, so a crash anywhere is healed by the next reconcile;
+- a namespace's FineTunePolicies come from a kopf index (a watch); a job about to start
+  under ``maxConcurrentJobs`` is decided with the namespace locked and its running jobs
+  counted live (:mod:`~kubetune_operator.tenancy`); when a job frees a slot, or a policy
+  changes, the namespace's waiting (and refused) jobs are reconciled at once;
 - every FineTuneSweep event and every event of one of its trials (FineTuneJobs labelled
   ``kubetune.io/sweep``) → :func:`~kubetune_operator.sweep.reconcile_sweep` for that
   sweep, plus a resync timer; deleting a sweep deletes its trials through their owner

@@ -1,8 +1,9 @@
 """A namespace's FineTunePolicy, enforced by the real operator on the harness (the
 emulated API server runs no admission policies: this is the path clusters without them
 take). A stand-in trainer keeps it fast: a violating job is refused with no workload, a
-job within the policy runs, and under maxConcurrentJobs 1 later jobs wait Queued and
-start one at a time, in creation order, as the running one finishes."""
+job within the policy runs, under maxConcurrentJobs 1 later jobs wait Queued and start
+one at a time, in creation order, as the running one finishes, and a relaxed policy lets
+the refused job start."""
 
 from __future__ import annotations
 
@@ -97,5 +98,23 @@ def test_policy_refuses_limits_and_queues(
             done = cluster.wait_state("aa-third", "Succeeded", timeout=30)
             assert condition(done, "Accepted")["reason"] == "Valid"
             assert done["status"]["attempts"] == 1
+
+            # The platform team relaxes the policy: the refused job is checked again, runs.
+            cluster.custom.patch_namespaced_custom_object(
+                "kubetune.io",
+                "v1alpha1",
+                "default",
+                "finetunepolicies",
+                "team-a",
+                {"spec": {"maxNodes": 2, "allowedMethods": ["lora", "qlora", "full"]}},
+            )
+            started = cluster.wait(
+                "too-big",
+                lambda j: (j.get("status") or {}).get("attempts") == 1,
+                "its first attempt",
+                timeout=30,
+            )
+            assert condition(started, "Accepted")["status"] == "True"
+            assert [j.metadata.name for j in cluster.jobs("too-big")] == ["too-big-attempt-1"]
         finally:
             cluster.stop_operator()
