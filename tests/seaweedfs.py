@@ -5,7 +5,9 @@ access and secret keys are random, waits until S3 answers signed requests, and k
 on exit (SIGKILL: the data is thrown away anyway). Buckets are not auto-created on
 upload (``-s3.autoCreateBucket=false``), so a missing bucket fails as it does on S3.
 ``run_weed_process(weed)`` gives a :class:`WeedProcess` instead, which a fault test can
-stop (SIGKILL) and start again on the same ports, data and identity.
+stop (SIGKILL) and start again on the same ports, data and identity. The server's own
+Prometheus metrics (``-metricsPort``) say how many requests of each type it answered per
+bucket: :meth:`SeaweedFS.request_counts` (e.g. to count object GETs).
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ class SeaweedFS:
     access_key: str
     secret_key: str
     directory: Path
+    metrics_url: str | None = None  # the server's Prometheus /metrics
+
+    def request_counts(self, bucket: str) -> dict[str, int]:
+        """S3 requests the server answered for ``bucket``, by type ("GET" counts object
+        GETs and HEADs, "PUT", "LIST", ...), from ``SeaweedFS_s3_request_total``."""
+        import urllib.request
+
+        if self.metrics_url is None:
+            raise RuntimeError("this SeaweedFS was started without a metrics port")
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if line.startswith("SeaweedFS_s3_request_total{") and f'bucket="{bucket}"' in line:
+                labels, value = line.rsplit(" ", 1)
+                kind = labels.split('type="', 1)[1].split('"', 1)[0]
+                counts[kind] = counts.get(kind, 0) + int(float(value))
+        return counts
 
     def client(self, **config: Any) -> Any:
         """A boto3 S3 client signed with this server's identity."""
@@ -84,6 +104,7 @@ class WeedProcess:
             access_key=secrets.token_hex(10).upper(),
             secret_key=secrets.token_urlsafe(30),
             directory=directory,
+            metrics_url=f"http://{HOST}:{self.ports['metrics']}/metrics",
         )
         self._config = directory / "s3.json"
         self._config.write_text(json.dumps(_identities(self.server)), encoding="utf-8")
@@ -161,6 +182,7 @@ def _flags(directory: Path, config: Path, ports: dict[str, int]) -> list[str]:
         "-s3.port.lance=0",
         "-master.telemetry=false",
         f"-admin.port={ports['admin']}",
+        f"-metricsPort={ports['metrics']}",
         f"-filer.localSocket={directory / 'filer.sock'}",
         f"-s3.localSocket={directory / 's3.sock'}",
     ]
@@ -171,7 +193,7 @@ def _flags(directory: Path, config: Path, ports: dict[str, int]) -> list[str]:
 
 def _free_ports() -> dict[str, int]:
     """Distinct free loopback ports for every server, "admin" and "admin.grpc" included."""
-    names = [name for server in SERVERS for name in (server, server + ".grpc")]
+    names = [name for server in SERVERS for name in (server, server + ".grpc")] + ["metrics"]
     with ExitStack() as stack:
         ports = {name: _bind(stack, 0) for name in names}
         while True:  # admin's gRPC port is fixed at admin + 10000: it must be free too

@@ -157,9 +157,7 @@ def test_a_changed_source_gets_a_new_copy_and_the_old_one_stays(
     assert (old.path / "config.json").is_file()  # a job still reading it is not disturbed
 
 
-def test_an_unreachable_source_uses_the_newest_complete_copy(
-    tmp_path: Path, model: Path
-) -> None:
+def test_an_unreachable_source_uses_the_newest_complete_copy(tmp_path: Path, model: Path) -> None:
     cache = ModelCache(tmp_path / "cache")
     offline = DirSource(model, tmp_path / "count", unreachable=True)
     with pytest.raises(StorageUnavailable, match="no copy"):
