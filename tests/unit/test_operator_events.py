@@ -82,6 +82,9 @@ class RecordingApi:
     def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
         return []
 
+    def list_policies(self, namespace: str) -> list[dict[str, Any]]:
+        return []  # a namespace without FineTunePolicies
+
     def create_service(self, namespace: str, manifest: dict[str, Any]) -> bool:
         return True
 
