@@ -119,6 +119,13 @@ def test_kueue_queues_admits_and_preempts_without_using_a_retry(
     assert [j.metadata.name for j in cluster.jobs("queued")] == ["queued-attempt-1"]
     manifest = json.loads(cluster.store.get_bytes("jobs/default/queued/adapter/manifest.json"))
     assert manifest["resumed_from_step"] >= 6
+    # GPU time: the preempted admission's pods are gone and still count (1 GPU a pod).
+    (last,) = [p for p in cluster.pods("queued") if p.status.phase == "Succeeded"]
+    ended = last.status.container_statuses[0].state.terminated.finished_at
+    held = int((ended - last.status.start_time).total_seconds())
+    assert done["status"]["gpuSeconds"] > held
+    assert done["status"]["gpuUsage"][0]["final"]
+    assert manifest["gpu_time_at_publish"]["earlier_attempts_gpu_seconds"] == 0
 
 
 def test_a_full_fine_tune_shards_with_fsdp_across_two_nodes(cluster: Cluster) -> None:
