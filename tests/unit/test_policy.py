@@ -38,6 +38,7 @@ from kubetune_operator.policy import (
 )
 from kubetune_operator.reconcile import reconcile
 from kubetune_operator.sweep import reconcile_sweep
+from kubetune_operator.tenancy import Tenancy
 from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL, PRIORITY_LABEL, QUEUE_LABEL
 
 pytestmark = pytest.mark.unit
@@ -551,3 +552,53 @@ def test_a_sweep_within_the_policy_creates_trials() -> None:
     lr = {"path": "training.learningRate", "type": "logUniform", "low": "1e-5", "high": "1e-3"}
     decision = reconcile_sweep(_sweep([lr]), [], policies=[_policy(maxNodes=1, **MODELS)])
     assert decision.status["state"] != "Invalid" and decision.create_trials
+
+
+# --------------------------------------------------------------------------- the operator's side
+
+
+class _ListingApi:
+    """The namespace's FineTuneJobs, attempt Jobs and policies, as the API lists them."""
+
+    def __init__(self, jobs: list[dict], attempt_jobs: list[dict], policies: list[dict]) -> None:
+        self.jobs, self.attempt_jobs, self.policies = jobs, attempt_jobs, policies
+        self.calls: list[str] = []
+
+    def list_all_jobs(self, namespaces: list[str]) -> list[dict]:
+        self.calls.append(f"list_all_jobs {namespaces}")
+        return self.jobs
+
+    def list_attempt_jobs(self, namespace: str) -> list[dict]:
+        self.calls.append(f"list_attempt_jobs {namespace}")
+        return self.attempt_jobs
+
+    def list_policies(self, namespace: str) -> list[dict]:
+        self.calls.append(f"list_policies {namespace}")
+        return self.policies
+
+
+def test_tenancy_counts_live_only_for_a_job_that_may_start() -> None:
+    running = _ftj("running", "2026-01-01T00:00:00Z", "Running", attempts=1)
+    me = {**_ftj("me", "2026-01-01T00:00:01Z"), "metadata": {"name": "me", "namespace": "ns"}}
+    policy = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTunePolicy",
+        "metadata": {"name": "team-a", "namespace": "ns"},
+        "spec": {"maxConcurrentJobs": 1},
+    }
+    api = _ListingApi([running, me], [_batch_job("running")], [policy])
+    tenancy = Tenancy(api)  # type: ignore[arg-type]
+    policies = tenancy.policies("ns")
+    assert [p.spec.maxConcurrentJobs for p in policies] == [1]
+    with tenancy.slots(me, [], policies) as slots:
+        assert slots == Slots(limit=1, policy="team-a", running=1, ahead=0)
+    assert api.calls == ["list_policies ns", "list_all_jobs ['ns']", "list_attempt_jobs ns"]
+    api.calls.clear()
+    with tenancy.slots(me, [_batch_job("me")], policies) as slots:  # its attempt runs
+        assert slots is None
+    with tenancy.slots(me, [], []) as slots:  # no limit
+        assert slots is None
+    assert api.calls == []
+    tenancy.note("ns", {"state": "Running"}, {"state": "Succeeded"})
+    tenancy.note("other", {"state": "Queued"}, {"state": "Running"})
+    assert tenancy.take_freed() == ["ns"] and tenancy.take_freed() == []
