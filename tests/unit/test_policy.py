@@ -602,3 +602,12 @@ def test_tenancy_counts_live_only_for_a_job_that_may_start() -> None:
     tenancy.note("ns", {"state": "Running"}, {"state": "Succeeded"})
     tenancy.note("other", {"state": "Queued"}, {"state": "Running"})
     assert tenancy.take_freed() == ["ns"] and tenancy.take_freed() == []
+
+
+def test_the_documented_policy_is_valid() -> None:
+    text = (ROOT / "docs" / "multi-tenancy.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "FineTunePolicy" in b]
+    assert blocks, "docs/multi-tenancy.md shows no FineTunePolicy"
+    for block in blocks:
+        policy = parse_policy(yaml.safe_load(block))
+        assert policy.spec.maxGpusPerJob is not None
