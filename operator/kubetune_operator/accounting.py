@@ -23,12 +23,12 @@ attempt replacing the last), so the figures are kept in ``status.gpuUsage``: one
 per attempt, with each pod's figure while the attempt runs. A reconcile recomputes every
 pod it sees and keeps, per pod, the larger of the kept and the recomputed figure; a pod
 it no longer sees keeps its kept figure. Once an attempt's Job has finished and all its
-pods have stopped (or a later attempt exists and its Job is gone), its figure is final:
-its pods are dropped from status and never counted again. So the total never goes
-backwards, and an operator restarted at any point neither loses nor double-counts
-anything: it starts from the kept figures. (The one approximation: a running pod counted
-up to ``now`` that ended slightly earlier, because its end reached the API late, keeps
-the later figure; the difference is the kubelet's report delay.)
+pods have stopped (or its Job is gone and a later attempt exists or the job has ended),
+its figure is final: its pods are dropped from status and never counted again. So the
+total never goes backwards, and an operator restarted at any point neither loses nor
+double-counts anything: it starts from the kept figures. (The one approximation: a
+running pod counted up to ``now`` that ended slightly earlier, because its end reached
+the API late, keeps the later figure; the difference is the kubelet's report delay.)
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def account(
     for pod in pods:
         pods_of[_attempt(pod)].append(pod)
     latest = max(by_attempt, default=0)
+    ended = status.get("state") in ("Succeeded", "Failed")
     usage: dict[int, AttemptGpuUsage] = {}
     for attempt in sorted(set(kept) | set(by_attempt) | set(pods_of)):
         before = kept.get(attempt)
@@ -150,8 +151,10 @@ def account(
             if (pod.get("status") or {}).get("startTime"):
                 counted[name] = max(counted.get(name, 0), seconds)
             live = live or ((pod.get("status") or {}).get("phase") or "Pending") in _RUNNING
-        # Final: the Job ended and its pods stopped, or it is gone and a later one exists.
-        final = not live and ((job is not None and _finished(job)) or attempt < latest)
+        # Final once no pod of it runs: its Job ended, or is gone and a later attempt
+        # exists or the whole job has ended (a Failed job deleted it; TTL cleanup).
+        gone = job is None and (attempt < latest or ended)
+        final = not live and ((job is not None and _finished(job)) or gone)
         if not counted and not final and before is None:
             continue  # nothing held yet (queued, unschedulable, not started)
         usage[attempt] = AttemptGpuUsage(

@@ -353,3 +353,18 @@ def test_kubectl_get_wide_shows_gpu_hours() -> None:
     assert column["jsonPath"] == ".status.gpuHours"
     assert column["priority"] == 1  # -o wide only
     assert [c["name"] for c in columns][-2:] == ["GPU-Hours", "Age"]
+
+
+def test_an_ended_job_whose_workloads_were_deleted_keeps_final_figures() -> None:
+    """A Failed job deleted its running attempt (its ranks were stopped), then TTL cleanup
+    deleted what was left: the figures stay, and become final."""
+    jobs = [attempt_job(1, nodes=2)]
+    pods = [pod(1, 0, started=0), pod(1, 1, started=0)]
+    status = gpu_status(account({}, jobs, pods, at(100)))
+    stopped = [pod(1, 0, started=0, finished=110, phase="Failed"), pod(1, 1, started=0)]
+    status = gpu_status(account({**status, "state": "Failed"}, [], stopped, at(111)))
+    assert status["gpuSeconds"] == 2 * 110 + 2 * 111
+    assert not status["gpuUsage"][0]["final"]  # rank 1 still stopping
+    status = gpu_status(account({**status, "state": "Failed"}, [], [], at(5000)))
+    assert status["gpuSeconds"] == 2 * 110 + 2 * 111
+    assert status["gpuUsage"][0]["final"] and "pods" not in status["gpuUsage"][0]
