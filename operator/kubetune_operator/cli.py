@@ -385,6 +385,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             progress_port=args.trainer_progress_port,
             ttl_seconds_after_finished=args.ttl_seconds_after_finished,
             network_policy=network_policy,
+            model_cache_claim=args.model_cache_claim or None,
         ),
         kubeconfig=args.kubeconfig,
         namespaces=args.namespace or [],
@@ -497,6 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
         help='a NetworkPolicy per attempt: {"operatorNamespace": NS, "operatorPodLabels": '
         '{...}, "egress": [rules] (optional; restricts egress to DNS, the attempt\'s pods and '
         "these)} (default: none)",
+    )
+    operator.add_argument(
+        "--model-cache-claim",
+        metavar="PVC",
+        help="a ReadWriteMany PersistentVolumeClaim, in each job's namespace, that every "
+        "attempt pod mounts as the shared model cache: each s3:// or hf:// base model is "
+        "downloaded once (a FineTunePolicy's spec.modelCache.claimName overrides it; "
+        "default: no cache)",
     )
     operator.set_defaults(run=_cmd_operator)
     return parser

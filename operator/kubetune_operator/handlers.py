@@ -46,7 +46,7 @@ from .conditions import now_rfc3339
 from .events import event_manifest, reporting_instance
 from .kube import KubeApi
 from .metrics import OperatorMetrics
-from .policy import POLICY_VIOLATION, waits_for_slot
+from .policy import POLICY_VIOLATION, model_cache_claim, waits_for_slot
 from .progress import changed_fields, fetch_progress, status_from_progress
 from .reconcile import TERMINAL_STATES, Decision, Event, reconcile
 from .sweep import SWEEP_LABEL, SweepDecision, reconcile_sweep
@@ -61,6 +61,7 @@ from .workload import (
     QUEUE_LABEL,
     NetworkPolicyConfig,
     attempt_network_policy,
+    with_model_cache,
 )
 
 FINALIZER = "kubetune.io/finalizer"
@@ -80,6 +81,10 @@ class OperatorConfig:
     ttl_seconds_after_finished: int | None = None
     # A NetworkPolicy per attempt (the chart's networkPolicy.perJob); None: none.
     network_policy: NetworkPolicyConfig | None = None
+    # The shared model cache: a ReadWriteMany PVC of this name in each job's namespace,
+    # mounted in every attempt pod (the chart's modelCache.claimName; a namespace's
+    # FineTunePolicy spec.modelCache.claimName overrides it); None: no cache.
+    model_cache_claim: str | None = None
 
 
 class Reconciler:
@@ -152,6 +157,9 @@ class Reconciler:
                 slots=slots,
                 ttl_seconds_after_finished=self.config.ttl_seconds_after_finished,
             )
+            claim = model_cache_claim(policies) or self.config.model_cache_claim
+            if decision.create_job is not None and claim:
+                decision.create_job = with_model_cache(decision.create_job, claim)
             self._apply(body, decision, logger)
         self.tenancy.note(namespace, body.get("status") or {}, decision.status)
         self._reconciled[(namespace, name)] = time.monotonic()

@@ -9,7 +9,8 @@ Three things, each a plain function the handlers feed with what they read:
   prefixes (``startsWith`` in CEL, ``str.startswith`` here), so both agree by construction.
 - :func:`with_defaults`: the Kueue labels a job's attempt Jobs carry: the job's own, else
   the policy's ``defaultQueueName`` / ``defaultPriorityClass``. The FineTuneJob itself
-  is never changed (GitOps tools would see a diff).
+  is never changed (GitOps tools would see a diff). Likewise :func:`model_cache_claim`:
+  the shared model cache's PVC the attempt pods mount (``spec.modelCache.claimName``).
 - :func:`concurrency`: for ``maxConcurrentJobs``, how many jobs of the namespace hold a
   slot and how many created earlier wait for one, so that waiting jobs start in creation
   order. Jobs in a Kueue queue are neither limited nor counted: Kueue's quota governs them.
@@ -185,6 +186,15 @@ def with_defaults(labels: Mapping[str, str], policies: Sequence[FineTunePolicy])
         if policy.spec.defaultPriorityClass and PRIORITY_LABEL not in result:
             result[PRIORITY_LABEL] = policy.spec.defaultPriorityClass
     return result
+
+
+def model_cache_claim(policies: Sequence[FineTunePolicy]) -> str | None:
+    """The shared model cache's PVC that the namespace's policies name (the first by
+    policy name); None: the operator's own setting applies."""
+    for policy in _by_name(policies):
+        if policy.spec.modelCache is not None:
+            return policy.spec.modelCache.claimName
+    return None
 
 
 def concurrency_limit(policies: Sequence[FineTunePolicy]) -> tuple[int, str] | None:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_trainer.config import GPU_ACCOUNTING_ENV, ReportingConfig
+from kubetune_trainer.config import GPU_ACCOUNTING_ENV, MODEL_CACHE_ENV, ReportingConfig
 
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .translate import (
@@ -63,6 +63,22 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (QUEUE_LABEL, PRIORITY_LABEL)
+# The shared model cache (a ReadWriteMany PVC: the chart's modelCache.claimName or a
+# FineTunePolicy's spec.modelCache.claimName), mounted here in every trainer pod.
+MODEL_CACHE_VOLUME = "model-cache"
+MODEL_CACHE_MOUNT = "/var/cache/kubetune/models"
+# Everything the trainer's libraries write goes to the scratch emptyDir at /tmp: the root
+# filesystem is read-only, and the user may be any UID (OpenShift assigns one per
+# namespace), whose home directory does not exist in the image.
+WRITABLE_ENV = {
+    "HOME": "/tmp",
+    "TMPDIR": "/tmp",
+    "HF_HOME": "/tmp/hf",  # the hub client's cache and token (hf:// without a model cache)
+    "XDG_CACHE_HOME": "/tmp/.cache",
+    "TRITON_CACHE_DIR": "/tmp/.cache/triton",  # Liger's Triton kernels (GPU fast paths)
+    "TORCHINDUCTOR_CACHE_DIR": "/tmp/.cache/torchinductor",
+    "MPLCONFIGDIR": "/tmp/.cache/matplotlib",  # the loss plot
+}
 # A pod's hostname is "<attempt Job>-<index>" and must be a DNS label (63 characters);
 # indexes stay below 100 (spec.resources.nodes <= 64).
 MAX_ATTEMPT_NAME = 60
@@ -116,8 +132,7 @@ def _env(job: FineTuneJob, config_json: str) -> list[dict[str, Any]]:
         {"name": "KUBETUNE_CONFIG", "value": config_json},
         {"name": "KUBETUNE_TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": "/tmp/hf"},
+        *({"name": k, "value": v} for k, v in WRITABLE_ENV.items()),
     ]
     output = job.spec.output
     if output is not None and output.credentialsSecretRef is not None:
@@ -309,6 +324,27 @@ def attempt_job(
     if started_spec is not None:
         metadata["annotations"] = {SPEC_ANNOTATION: started_spec}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def with_model_cache(job: Mapping[str, Any], claim_name: str | None) -> dict[str, Any]:
+    """An attempt Job (as :func:`attempt_job` builds it) whose trainer pods mount the
+    shared model cache, the ReadWriteMany PVC ``claim_name`` of the job's namespace, at
+    :data:`MODEL_CACHE_MOUNT` and name it in ``$KUBETUNE_MODEL_CACHE``: the trainer then
+    downloads each s3:// or hf:// base model once for all attempts and jobs (see
+    kubetune_trainer/model_cache.py). None: the Job unchanged (no cache)."""
+    result = json.loads(json.dumps(job))
+    if not claim_name:
+        return result
+    pod = result["spec"]["template"]["spec"]
+    pod["volumes"].append(
+        {"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": {"claimName": claim_name}}
+    )
+    for container in pod["containers"]:
+        container["volumeMounts"].append(
+            {"name": MODEL_CACHE_VOLUME, "mountPath": MODEL_CACHE_MOUNT}
+        )
+        container["env"].append({"name": MODEL_CACHE_ENV, "value": MODEL_CACHE_MOUNT})
+    return result
 
 
 def rank_service(job: FineTuneJob, *, uid: str) -> dict[str, Any] | None:

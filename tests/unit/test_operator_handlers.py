@@ -1,9 +1,10 @@
 """The handlers' own decisions: which job events reconcile, and when the kopf indexes are
 trusted instead of a live LIST (an index that has not caught up with a created attempt
-must never make the operator start a second one)."""
+must never make the operator start a second one); which model cache attempt pods mount."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kubetune_operator.handlers import OperatorConfig, Reconciler, _slim, _spec_changed
@@ -82,3 +83,67 @@ def test_index_entries_leave_out_the_pod_template() -> None:
     slim = _slim(_attempt_job(1), ("completions", "suspend"))
     assert slim["spec"] == {"completions": 1, "suspend": False}
     assert slim["metadata"]["labels"][ATTEMPT_LABEL] == "1"
+
+
+class CreatingApi(FakeApi):
+    """Keeps the attempt Jobs the reconciler creates; the namespace has ``policies``."""
+
+    def __init__(self, policies: list[dict[str, Any]]) -> None:
+        super().__init__([])
+        self.policies, self.created = policies, []
+
+    def list_policies(self, namespace: str) -> list[dict[str, Any]]:
+        return self.policies
+
+    def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        self.created.append(manifest)
+        return True
+
+    def post_event(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        return True
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        pass
+
+
+JOB_BODY = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "j", "namespace": "ns", "uid": "u-1", "generation": 1},
+    "spec": {
+        "model": {"source": "s3://models/llama"},
+        "dataset": {"sources": ["s3://data/train.jsonl"]},
+        "output": {"uri": "s3://out/j"},
+    },
+}
+
+
+def _policy(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTunePolicy",
+        "metadata": {"name": name, "namespace": "ns"},
+        "spec": spec,
+    }
+
+
+def _claims(operator_claim: str | None, policies: list[dict[str, Any]]) -> list[str]:
+    """The PVCs the first attempt's pods mount as the model cache."""
+    api = CreatingApi(policies)
+    config = OperatorConfig(model_cache_claim=operator_claim)
+    reconciler = Reconciler(api, config, OperatorMetrics())  # type: ignore[arg-type]
+    reconciler._reconcile_locked(dict(JOB_BODY), logging.getLogger("test"))
+    (job,) = api.created
+    volumes = job["spec"]["template"]["spec"]["volumes"]
+    return [
+        v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
+    ]
+
+
+def test_attempt_pods_mount_the_model_cache_the_operator_or_the_policy_names() -> None:
+    assert _claims(None, []) == []  # no cache configured: nothing mounted
+    assert _claims("models", []) == ["models"]
+    assert _claims("models", [_policy("limits", maxNodes=2)]) == ["models"]
+    override = [_policy("b", modelCache={"claimName": "team-b"}), _policy("a", maxNodes=2)]
+    assert _claims("models", override) == ["team-b"]
+    assert _claims(None, override) == ["team-b"]

@@ -12,6 +12,8 @@ import yaml
 from kubetune_operator.api.validation import parse_manifest
 from kubetune_operator.workload import (
     COMPLETION_INDEX,
+    MODEL_CACHE_MOUNT,
+    MODEL_CACHE_VOLUME,
     QUEUE_LABEL,
     RENDEZVOUS_PORT,
     attempt_job,
@@ -19,8 +21,9 @@ from kubetune_operator.workload import (
     rank0_address,
     rank_service,
     service_name,
+    with_model_cache,
 )
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import MODEL_CACHE_ENV, TrainerConfig
 
 pytestmark = pytest.mark.unit
 
@@ -335,3 +338,65 @@ def test_a_bad_network_policy_setting_says_what_is_wrong(text: str, says: str) -
 
     with pytest.raises(ValueError, match=says):
         NetworkPolicyConfig.from_json(text)
+
+
+# --------------------------------------------------------------------------- writable paths
+
+
+def _mounts(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath → its volume, for the trainer container."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    return {
+        m["mountPath"]: volumes[m["name"]] for m in pod["spec"]["containers"][0]["volumeMounts"]
+    }
+
+
+def _volume_of(pod: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volume that holds ``path`` in the trainer container (None: the root filesystem)."""
+    mounts = _mounts(pod)
+    best = max((m for m in mounts if path == m or path.startswith(m + "/")), key=len, default=None)
+    return mounts[best] if best is not None else None
+
+
+def test_every_cache_and_scratch_path_is_on_a_writable_volume() -> None:
+    """Read-only root filesystem and any UID (OpenShift): what the trainer and its libraries
+    write (home, temp files, the hub's and Triton's caches, matplotlib) lies on an
+    emptyDir, never on the image's filesystem."""
+    pod = _pod()
+    container = pod["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    env = _env(pod)
+    for name in (
+        "HOME",
+        "TMPDIR",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "TRITON_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+        "MPLCONFIGDIR",
+    ):
+        volume = _volume_of(pod, env[name]["value"])
+        assert volume is not None and "emptyDir" in volume, name
+    assert MODEL_CACHE_ENV not in env  # no cache unless the platform sets one up
+
+
+def test_the_model_cache_claim_is_mounted_and_named_to_the_trainer() -> None:
+    job = _job()
+    cached = with_model_cache(job, "kubetune-models")
+    pod = cached["spec"]["template"]
+    assert {
+        "name": MODEL_CACHE_VOLUME,
+        "persistentVolumeClaim": {"claimName": "kubetune-models"},
+    } in pod["spec"]["volumes"]
+    assert _volume_of(pod, MODEL_CACHE_MOUNT) == {
+        "name": MODEL_CACHE_VOLUME,
+        "persistentVolumeClaim": {"claimName": "kubetune-models"},
+    }
+    assert _env(pod)[MODEL_CACHE_ENV]["value"] == MODEL_CACHE_MOUNT
+    assert MODEL_CACHE_ENV not in _env(job["spec"]["template"])  # the input is not changed
+    assert with_model_cache(job, None) == job
+    from kubernetes.client import ApiClient, V1Job
+
+    parsed = ApiClient()._ApiClient__deserialize(cached, V1Job)
+    volume = parsed.spec.template.spec.volumes[-1]
+    assert volume.persistent_volume_claim.claim_name == "kubetune-models"

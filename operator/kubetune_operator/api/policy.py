@@ -47,6 +47,21 @@ _PREFIXES = (
 )
 
 
+class ModelCachePolicy(ApiModel):
+    """The shared model cache of this namespace's jobs (docs/multi-tenancy.md)."""
+
+    claimName: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=_DNS_SUBDOMAIN,
+        description=(
+            "A ReadWriteMany PersistentVolumeClaim in this namespace that every attempt pod "
+            "mounts as the shared model cache: each s3:// or hf:// base model is downloaded "
+            "once for all attempts and jobs. Overrides the chart's modelCache.claimName."
+        ),
+    )
+
+
 class FineTunePolicySpec(ApiModel):
     """What FineTuneJobs in this namespace may ask for. Unset fields allow anything."""
 
@@ -124,6 +139,13 @@ class FineTunePolicySpec(ApiModel):
         description=(
             "Kueue WorkloadPriorityClass for jobs without a kueue.x-k8s.io/priority-class "
             "label: the operator puts it on their attempt Jobs."
+        ),
+    )
+    modelCache: ModelCachePolicy | None = Field(
+        default=None,
+        description=(
+            "The shared model cache of this namespace's jobs (a setting, not a limit). Unset: "
+            "the operator's (the chart's modelCache.claimName), if any."
         ),
     )
 
