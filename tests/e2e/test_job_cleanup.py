@@ -63,7 +63,10 @@ def test_a_finished_jobs_workloads_go_after_its_ttl_and_the_job_stays_finished(
         "fake:ok": [sys.executable, FAKE_TRAINER],
         "fake:fail-once": [sys.executable, FAKE_TRAINER, "fail-once"],
     }
-    with Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images) as kubelet:
+    # dns_timeout: the stand-in's rank 0 may finish before rank 1 looks up its address (a
+    # finished pod has none); rank 1 needs none, and need not wait for it.
+    node = Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images, dns_timeout=1)
+    with node as kubelet:
         cluster = Cluster(kube, kubelet, seaweedfs, seaweedfs.create_bucket(), tmp_path)
         networking = NetworkingV1Api(cluster.core.api_client)
         cluster.create_storage_secret("default")

@@ -42,7 +42,10 @@ def test_operator_uses_exactly_what_the_chart_grants(
         "fake:ok": [sys.executable, FAKE_TRAINER],
         "fake:sleep": [sys.executable, FAKE_TRAINER, "sleep"],
     }
-    with Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images) as kubelet:
+    # dns_timeout: a stand-in rank 0 may finish before rank 1 looks up its address (a
+    # finished pod has none); the stand-ins need none, and need not wait for it.
+    node = Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=2, images=images, dns_timeout=1)
+    with node as kubelet:
         cluster = Cluster(kube, kubelet, seaweedfs, seaweedfs.create_bucket(), tmp_path)
         cluster.create_storage_secret("default")
         # A FineTunePolicy that refuses nothing here: the operator reads it (list, watch)
