@@ -31,6 +31,8 @@ def test_tiny_job_succeeds_with_adapter_status_events_and_metrics(
         "progress reported",
     )
     assert running["status"]["progress"]["totalSteps"] == 24
+    # The session's dataset repeats 8 of its 400 rows: the trainer's warning reaches status.
+    assert any("repeat an earlier row" in w for w in running["status"]["dataWarnings"])
     done = cluster.wait_state("tiny", "Succeeded")
     status = done["status"]
 
