@@ -9,7 +9,7 @@ from typing import Any
 
 from kubetune_operator.handlers import OperatorConfig, Reconciler, _slim, _spec_changed
 from kubetune_operator.metrics import OperatorMetrics
-from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL
+from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL, NetworkPolicyConfig
 
 
 def _attempt_job(attempt: int, *conditions: str) -> dict[str, Any]:
@@ -147,3 +147,67 @@ def test_attempt_pods_mount_the_model_cache_the_operator_or_the_policy_names() -
     override = [_policy("b", modelCache={"claimName": "team-b"}), _policy("a", maxNodes=2)]
     assert _claims("models", override) == ["team-b"]
     assert _claims(None, override) == ["team-b"]
+
+
+class OrderedApi(CreatingApi):
+    """Records the order of the reconciler's writes."""
+
+    def __init__(self, jobs: list[dict[str, Any]] | None = None) -> None:
+        super().__init__([])
+        self.jobs, self.calls = jobs or [], []
+
+    def create_network_policy(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        self.calls.append(("create_network_policy", manifest["metadata"]["name"]))
+        return True
+
+    def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        self.calls.append(("create_job", manifest["metadata"]["name"]))
+        return True
+
+    def delete_service(self, namespace: str, name: str) -> None:
+        self.calls.append(("delete_service", name))
+
+    def delete_network_policy(self, namespace: str, name: str) -> None:
+        self.calls.append(("delete_network_policy", name))
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        self.calls.append(("delete_job", name))
+
+
+ISOLATION = NetworkPolicyConfig("kubetune-system", {"app.kubernetes.io/name": "kubetune"})
+
+
+def _run(api: OrderedApi, body: dict[str, Any], **config: Any) -> list[tuple[str, str]]:
+    reconciler = Reconciler(api, OperatorConfig(**config), OperatorMetrics())  # type: ignore[arg-type]
+    reconciler._reconcile_locked(body, logging.getLogger("test"))
+    return api.calls
+
+
+def test_an_attempts_network_policy_is_created_before_its_job_and_only_when_configured() -> None:
+    assert _run(OrderedApi(), dict(JOB_BODY), network_policy=ISOLATION) == [
+        ("create_network_policy", "j-attempt-1"),
+        ("create_job", "j-attempt-1"),
+    ]
+    assert _run(OrderedApi(), dict(JOB_BODY)) == [("create_job", "j-attempt-1")]
+
+
+def test_cleanup_deletes_the_service_and_policies_before_the_jobs() -> None:
+    """A crash between the deletes leaves Jobs, which the next reconcile sees and deletes
+    again together with what else may be left."""
+    finished = {
+        **JOB_BODY,
+        "spec": {**JOB_BODY["spec"], "ttlSecondsAfterFinished": 0},
+        "status": {"state": "Succeeded", "attempts": 2, "completionTime": "2026-11-23T10:00:00Z"},
+    }
+    jobs = [_attempt_job(1, "Failed"), _attempt_job(2, "Complete")]
+    jobs[1]["spec"]["completions"] = 2  # two nodes: a rank-0 Service
+    calls = _run(OrderedApi(jobs), finished, network_policy=ISOLATION)
+    assert calls == [
+        ("delete_service", "ftj-j"),
+        ("delete_network_policy", "j-attempt-1"),
+        ("delete_network_policy", "j-attempt-2"),
+        ("delete_job", "j-attempt-1"),
+        ("delete_job", "j-attempt-2"),
+    ]
+    # Without per-attempt policies there are none to delete (nor the RBAC to do it).
+    assert [c for c in _run(OrderedApi(jobs), finished) if "network" in c[0]] == []
