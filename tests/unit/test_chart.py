@@ -52,6 +52,7 @@ CUSTOM: dict[str, Any] = {
     "nodeSelector": {"node-role.example.com/system": "true"},
     "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
     "operator": {"progressIntervalSeconds": 2.5, "resyncIntervalSeconds": 30},
+    "modelCache": {"claimName": "llm-models", "create": True, "storageClassName": "cephfs"},
     "monitoring": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
         "podMonitor": {"enabled": True},
@@ -118,6 +119,8 @@ def test_values_yaml_satisfies_its_schema() -> None:
         ({"operatr": {}}, "operatr"),  # typos are rejected, not ignored
         ({"monitoring": {"podMonitor": {"enabled": True, "interval": "15"}}}, "interval"),
         ({"securityContext": {"allowPrivilegeEscalation": True}}, "allowPrivilegeEscalation"),
+        ({"modelCache": {"create": True}}, "claimName"),  # creating needs a name
+        ({"modelCache": {"claimName": "Models"}}, "/modelCache/claimName"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
@@ -615,6 +618,66 @@ def test_the_charts_default_ttl_is_a_day(default: list[dict[str, Any]]) -> None:
 
     args = build_parser().parse_args(["operator", *_operator_args(default)])
     assert args.ttl_seconds_after_finished == 86400
+
+
+# --------------------------------------------------------------------------- model cache
+
+
+def test_no_model_cache_by_default(default: list[dict[str, Any]]) -> None:
+    from kubetune_operator.cli import build_parser
+
+    assert of_kind(default, "PersistentVolumeClaim") == []
+    args = build_parser().parse_args(["operator", *_operator_args(default)])
+    assert args.model_cache_claim is None
+
+
+def test_the_model_cache_claim_reaches_the_operator_and_the_trainer_pods() -> None:
+    """A claim of one's own (create: false): the operator mounts it, the chart creates none."""
+    from kubetune_operator.api.validation import parse_manifest
+    from kubetune_operator.cli import build_parser
+    from kubetune_operator.workload import MODEL_CACHE_MOUNT, attempt_job, with_model_cache
+
+    manifests = render_manifests({"modelCache": {"claimName": "llm-models"}})
+    assert of_kind(manifests, "PersistentVolumeClaim") == []
+    args = build_parser().parse_args(["operator", *_operator_args(manifests)])
+    assert args.model_cache_claim == "llm-models"
+    job = parse_manifest(yaml.safe_load((ROOT / "examples" / "llama-8b-qlora.yaml").read_text()))
+    pod = with_model_cache(attempt_job(job, uid="u", attempt=1, image="t"), "llm-models")
+    spec = pod["spec"]["template"]["spec"]
+    assert restricted_violations(spec) == []  # a PVC volume is allowed by the profile
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert MODEL_CACHE_MOUNT in mounts
+
+
+def test_the_chart_can_create_the_model_cache_in_each_job_namespace() -> None:
+    values = {
+        "watchNamespaces": ["team-a", "team-b"],
+        "modelCache": {
+            "claimName": "llm-models",
+            "create": True,
+            "size": "500Gi",
+            "storageClassName": "cephfs",
+        },
+    }
+    manifests = render_manifests(values)
+    claims = of_kind(manifests, "PersistentVolumeClaim")
+    assert sorted(c["metadata"]["namespace"] for c in claims) == ["team-a", "team-b"]
+    for claim in claims:
+        assert claim["metadata"]["name"] == "llm-models"
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert claim["spec"] == {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "cephfs",
+            "resources": {"requests": {"storage": "500Gi"}},
+        }
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(claim, version, strict=True)
+    default_class = render_manifests({"modelCache": {"claimName": "m", "create": True}})
+    (claim,) = of_kind(default_class, "PersistentVolumeClaim")
+    assert claim["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert "storageClassName" not in claim["spec"]  # the cluster's default class
+    # mounting a PVC in the pods the operator creates needs no RBAC of the operator's
+    assert chart_rbac_rules(values) == chart_rbac_rules({"watchNamespaces": ["team-a", "team-b"]})
 
 
 # --------------------------------------------------------------------------- monitoring
