@@ -87,6 +87,8 @@ def test_a_miss_downloads_then_every_fetch_hits_and_reports_the_time_saved(
     assert manifest["complete"] is True and manifest["source"] == source.uri
     assert set(manifest["files"]) == {"config.json", "model.safetensors", "sub/tokenizer.json"}
     assert "saved" in second.summary() and "miss" in first.summary()
+    # group-writable: pods of the namespace running as another UID can clean up
+    assert first.path.stat().st_mode & 0o020 and (first.path / "sub").stat().st_mode & 0o020
 
 
 def test_partial_and_unfinished_copies_are_never_used_and_get_replaced(

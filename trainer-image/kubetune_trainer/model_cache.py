@@ -263,7 +263,7 @@ class ModelCache:
             return None
         root = Path(value)
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            _make_shared_dir(root)
             probe = root / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
             probe.touch()
             probe.unlink()
@@ -314,6 +314,9 @@ class ModelCache:
 def _fill(source: Source, listing: Listing, entry: Path, version: Path) -> dict[str, Any]:
     """Download into a .partial directory, check, write the manifest, rename into place."""
     temp = entry / f"{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+    # Group-writable files and folders: pods of the namespace that run as another UID but
+    # share the pods' fsGroup can remove what a killed download of ours left behind.
+    umask = os.umask(0o002)
     try:
         for tries in range(1, DOWNLOAD_TRIES + 1):
             shutil.rmtree(temp, ignore_errors=True)
@@ -354,6 +357,7 @@ def _fill(source: Source, listing: Listing, entry: Path, version: Path) -> dict[
         _fsync_dir(entry)
         return manifest
     finally:
+        os.umask(umask)
         shutil.rmtree(temp, ignore_errors=True)  # gone after a rename; leftovers otherwise
 
 
