@@ -233,3 +233,112 @@ def test_a_killed_downloader_leaves_no_usable_copy_and_the_next_one_completes(
     assert _tree(result.path) == _tree(model)
     assert not list(entry.glob(f"{PARTIAL}*")) and _versions(entry) == [result.path.parent]
     assert ModelCache(root).fetch(source).hit
+
+
+# ------------------------------------------------------------------------------ the hub
+
+
+def _hub_model(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes], commit: str) -> list:
+    """A stand-in for the hub: model_info lists ``files`` (sizes, LFS sha256 for the
+    weights) at ``commit``; snapshot_download writes them (and the hub client's notes)."""
+    import hashlib
+
+    import huggingface_hub
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    downloads: list[dict] = []
+
+    def model_info(self, repo_id, *, revision=None, token=None, files_metadata=False):
+        assert files_metadata
+        siblings = [
+            RepoSibling(
+                name,
+                len(data),
+                lfs=BlobLfsInfo(len(data), hashlib.sha256(data).hexdigest(), 134)
+                if name.endswith(".safetensors")
+                else None,
+            )
+            for name, data in files.items()
+        ]
+        return type("Info", (), {"sha": commit, "siblings": siblings})()
+
+    def snapshot_download(repo_id, *, revision, token, local_dir, allow_patterns):
+        downloads.append({"repo": repo_id, "revision": revision, "patterns": allow_patterns})
+        for name, data in files.items():
+            if any(Path(name).match(p) or name.endswith(p[1:]) for p in allow_patterns):
+                (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(local_dir) / name).write_bytes(data)
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True)
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return downloads
+
+
+def test_hub_models_are_cached_by_commit_and_checked_against_the_lfs_sha256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetune_trainer.model_cache import HubSource
+
+    files = {
+        "config.json": b'{"model_type": "llama"}',
+        "model.safetensors": os.urandom(4096),
+        "original/consolidated.00.pth": b"not downloaded",
+        "README.md": b"# not downloaded",
+    }
+    downloads = _hub_model(monkeypatch, files, "a" * 40)
+    cache = ModelCache(tmp_path / "cache")
+    source = HubSource("org/model", "main", token=None)
+
+    listing = source.describe()
+    assert listing.version == "a" * 40
+    assert {f.path for f in listing.files} == {"config.json", "model.safetensors"}
+    weights = next(f for f in listing.files if f.path == "model.safetensors")
+    assert weights.sha256 is not None
+
+    first = cache.fetch(source)
+    assert not first.hit and downloads[0]["revision"] == "a" * 40  # the commit, not "main"
+    assert sorted(p.name for p in first.path.iterdir()) == ["config.json", "model.safetensors"]
+    assert cache.fetch(source).hit and len(downloads) == 1
+    assert first.path.parent.parent == cache.entry("hf://org/model", "main")
+
+    files["model.safetensors"] = os.urandom(4096)  # a new commit on main
+    _hub_model(monkeypatch, files, "b" * 40)
+    assert not cache.fetch(source).hit
+
+
+def test_hub_downloads_that_do_not_match_the_lfs_sha256_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from kubetune_trainer.model_cache import HubSource
+
+    files = {"config.json": b"{}", "model.safetensors": os.urandom(4096)}
+    _hub_model(monkeypatch, files, "c" * 40)
+    real = huggingface_hub.snapshot_download
+
+    def tampered(repo_id, **kwargs):  # same size, other bytes
+        real(repo_id, **kwargs)
+        path = Path(kwargs["local_dir"]) / "model.safetensors"
+        path.write_bytes(bytes(4096))
+        return kwargs["local_dir"]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", tampered)
+    with pytest.raises(StorageUnavailable, match="sha256"):
+        ModelCache(tmp_path / "cache").fetch(HubSource("org/model", None, token=None))
+
+
+def test_an_unreachable_hub_is_a_source_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
+    import huggingface_hub
+
+    from kubetune_trainer.model_cache import HubSource, SourceUnreachable
+
+    def refused(self, repo_id, **kwargs):
+        raise httpx2.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refused)
+    with pytest.raises(SourceUnreachable, match="refused"):
+        HubSource("org/model", None, token=None).describe()
