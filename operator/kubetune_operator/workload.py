@@ -332,7 +332,7 @@ def with_model_cache(job: Mapping[str, Any], claim_name: str | None) -> dict[str
     :data:`MODEL_CACHE_MOUNT` and name it in ``$KUBETUNE_MODEL_CACHE``: the trainer then
     downloads each s3:// or hf:// base model once for all attempts and jobs (see
     kubetune_trainer/model_cache.py). None: the Job unchanged (no cache)."""
-    result = json.loads(json.dumps(job))
+    result: dict[str, Any] = json.loads(json.dumps(job))
     if not claim_name:
         return result
     pod = result["spec"]["template"]["spec"]

@@ -120,10 +120,13 @@ class S3Source(Source):
         region: str | None = None,
         settings: Any = None,
     ) -> None:
-        from .storage import open_store
+        from .storage import S3Store, open_store
 
         self.uri, self.revision = uri, None
-        self.store = open_store(uri, endpoint_url=endpoint_url, region=region, settings=settings)
+        store = open_store(uri, endpoint_url=endpoint_url, region=region, settings=settings)
+        if not isinstance(store, S3Store):
+            raise ConfigInvalid(f"{uri!r} is not an s3:// URI", hint="write s3://bucket/prefix")
+        self.store = store
 
     def describe(self) -> Listing:
         objects = [o for o in self.store.list_details("") if o.key and not o.key.endswith("/")]
@@ -160,13 +163,19 @@ class HubSource(Source):
             RevisionNotFoundError,
         )
 
+        unreachable: tuple[type[Exception], ...] = (
+            HfHubHTTPError,
+            OfflineModeIsEnabled,
+            OSError,
+            *_transport_errors(),
+        )
         try:
             info = HfApi().model_info(
                 self.repo_id, revision=self.revision, token=self.token, files_metadata=True
             )
         except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
             raise  # the caller names the fix
-        except (HfHubHTTPError, OfflineModeIsEnabled, OSError, *_transport_errors()) as error:
+        except unreachable as error:
             status = getattr(getattr(error, "response", None), "status_code", None)
             if isinstance(status, int) and 400 <= status < 500 and status != 429:
                 raise
