@@ -42,6 +42,7 @@ from .accounting import account, earlier_attempts_seconds, gpu_status
 from .api.policy import FineTunePolicy
 from .api.types import API_VERSION, KIND, FineTuneJob
 from .api.validation import InvalidManifest, Problem, parse_manifest
+from .memory import ARCHITECTURE_ANNOTATION, INSUFFICIENT_GPU_MEMORY, memory_refusal
 from .policy import CONCURRENCY_LIMIT, POLICY_VIOLATION, Slots, all_violations, with_defaults
 from .progress import tracking_status
 from .workload import (
@@ -544,6 +545,11 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
             b.condition(c.ACCEPTED, False, POLICY_VIOLATION, text)
             b.state("Invalid", POLICY_VIOLATION, text, warning=True, action="ValidateSpec")
             return b.finish()
+        too_big = _memory_refusal(current, body)
+        if too_big is not None:
+            b.condition(c.ACCEPTED, False, too_big[0], too_big[1])
+            b.state("Invalid", too_big[0], too_big[1], warning=True, action="ValidateSpec")
+            return b.finish()
         if b.slots is not None and not b.slots.free:
             return _waits_for_slot(b, b.slots)
         if (c.get_condition(b.conditions, c.QUEUED) or {}).get("reason") == CONCURRENCY_LIMIT:
@@ -580,6 +586,17 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
     b.condition(c.RUNNING, False, reason, detail)
     b.state("Pending", reason, detail, warning=reason in _WARNING_REASONS)
     return b.finish()
+
+
+def _memory_refusal(job: FineTuneJob, body: dict[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when the job's estimated GPU memory exceeds
+    spec.resources.gpuMemory (memory.py), or its architecture annotation is malformed."""
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    try:
+        message = memory_refusal(job, annotations)
+    except (ValueError, TypeError) as error:
+        return "InvalidSpec", f"metadata.annotations[{ARCHITECTURE_ANNOTATION}]: {error}"
+    return None if message is None else (INSUFFICIENT_GPU_MEMORY, message)
 
 
 def _retried(
