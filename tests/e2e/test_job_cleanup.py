@@ -4,10 +4,13 @@ Each attempt gets a NetworkPolicy of its own next to its Job. A finished job kee
 workloads until its TTL has passed (the failed attempt's pod, with its termination
 message, stays readable until then); then its Jobs, pods, Service and NetworkPolicies go,
 and the job stays finished with its status, Events and artifact: no new attempt, across
-operator restarts too."""
+operator restarts too, and when the operator is SIGKILLed in the middle of a cleanup."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,10 +19,18 @@ from typing import Any
 
 import pytest
 from conftest import Cluster, condition
-from harness import EmulatorServer, JobController, Kubelet
+from harness import (
+    OPERATOR_USER,
+    AuditEntry,
+    EmulatorServer,
+    JobController,
+    Kubelet,
+    OperatorProcess,
+)
 from kubernetes.client import NetworkingV1Api
 from kubernetes.client.exceptions import ApiException
 
+from kubetune_operator.api.types import GROUP, PLURAL, VERSION
 from kubetune_operator.workload import NetworkPolicyConfig
 
 pytestmark = pytest.mark.e2e
@@ -139,15 +150,112 @@ def test_a_finished_jobs_workloads_go_after_its_ttl_and_the_job_stays_finished(
                 assert reasons.count("WorkloadsDeleted") == 1, reasons
                 assert len(reasons) > 1  # the earlier Events are kept
 
-            # Restarted again, the operator reconciles the cleaned-up jobs: nothing happens.
+            # Reconciled again (every job, as the periodic resync does): nothing happens.
             cleaned = {name: cluster.get(name)["status"] for name in ("done", "failed")}
             events = {name: _reasons(cluster, name) for name in ("done", "failed")}
-            cluster.stop_operator()
-            operator = cluster.start_operator(**ISOLATED)
-            operator.operator.reconciler.resync_all()
+            assert cluster.operator_thread is not None
+            cluster.operator_thread.operator.reconciler.resync_all()
             for name in ("done", "failed"):
                 assert cluster.jobs(name) == [] and cluster.pods(name) == []
                 assert cluster.get(name)["status"] == cleaned[name]
                 assert sorted(_reasons(cluster, name)) == sorted(events[name])
         finally:
             cluster.stop_operator()
+
+
+# Where the operator dies in a cleanup: at the Jobs' delete (the Service's and the
+# policy's deletes landed before; the Jobs are gone, nothing records it): the riskiest
+# point, where a finished job without Jobs must not look like one with no attempt yet. A
+# kill before it leaves Jobs that the next reconcile deletes with the rest
+# (tests/unit/test_operator_handlers.py); one after it re-posts the same Event
+# (tests/unit/test_reconcile.py), which the API server keeps once.
+KILL_POINTS = (("delete", "jobs"),)
+
+
+def _killer(pid: int, verb: str, resource: str) -> Callable[[AuditEntry], None]:
+    """An audit listener that SIGKILLs the operator at its ``verb resource`` request (the
+    request is still served: its write lands, its answer is lost)."""
+
+    def kill(entry: AuditEntry) -> None:
+        if entry.user == OPERATOR_USER and (entry.verb, entry.rbac_resource) == (verb, resource):
+            os.kill(pid, signal.SIGKILL)
+
+    return kill
+
+
+def _manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "image": "fake:ok",
+            "model": {"source": "s3://bucket/models/tiny"},
+            "dataset": {"sources": ["s3://bucket/data/train.jsonl"]},
+            "output": {"uri": f"s3://bucket/jobs/{name}"},
+            "resources": {"nodes": 2},  # a rank-0 Service too
+            "ttlSecondsAfterFinished": 3600,
+        },
+    }
+
+
+def test_an_operator_killed_in_the_middle_of_a_cleanup_heals(
+    kube: EmulatorServer, job_controller: JobController, tmp_path: Path, seaweedfs
+) -> None:
+    """SIGKILLed at each step of a cleanup, the restarted operator finishes it: the
+    workloads are gone, WorkloadsDeleted is recorded with one Event, no new attempt."""
+    policy = {"operatorNamespace": "kubetune-system", "operatorPodLabels": OPERATOR_LABELS}
+    args = ["--image", "fake:ok", "--resync-interval", "1", "--progress-interval", "1"]
+    args += ["--ttl-seconds-after-finished", "3600", "--job-network-policy", json.dumps(policy)]
+    kubeconfig = kube.write_kubeconfig(tmp_path / "operator-kubeconfig", OPERATOR_USER)
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator-logs", args=args, preload=True)
+    images = {"fake:ok": [sys.executable, FAKE_TRAINER]}
+    node = Kubelet(kube.url, tmp_path / "kubelet", max_grace_period=1, images=images, dns_timeout=1)
+    cluster = Cluster(kube, node, seaweedfs, seaweedfs.create_bucket(), tmp_path)
+    networking = NetworkingV1Api(cluster.core.api_client)
+    names = [f"kill-{n}" for n in range(len(KILL_POINTS))]
+    with node, operator:
+        operator.start()
+        for name in names:
+            cluster.custom.create_namespaced_custom_object(
+                GROUP, VERSION, "default", PLURAL, _manifest(name)
+            )
+        for name in names:
+            cluster.wait_state(name, "Succeeded", timeout=30)
+        for name, (verb, resource) in zip(names, KILL_POINTS, strict=True):
+            assert operator.pid is not None
+            kill = _killer(operator.pid, verb, resource)
+            stop_listening = kube.emulator.audit.listen(kill)
+            try:
+                cluster.patch_spec(name, {"ttlSecondsAfterFinished": 0})
+                _eventually(lambda: not operator.alive, f"a kill at {verb} {resource}", 15)
+            finally:
+                stop_listening()
+            operator.kill()  # reaped
+            assert not any(
+                c["type"] == "WorkloadsDeleted" for c in cluster.get(name)["status"]["conditions"]
+            ), f"killed at {verb} {resource}, yet the cleanup was recorded"
+            operator.start()
+            job = cluster.wait(
+                name,
+                lambda j: any(
+                    c["type"] == "WorkloadsDeleted"
+                    for c in (j.get("status") or {}).get("conditions") or []
+                ),
+                f"WorkloadsDeleted after a kill at {verb} {resource}",
+                timeout=30,
+            )
+            assert job["status"]["state"] == "Succeeded" and job["status"]["attempts"] == 1
+            _eventually(lambda n=name: not cluster.jobs(n) and not cluster.pods(n), "deleted")
+            assert not _exists(
+                lambda n=name: cluster.core.read_namespaced_service(f"ftj-{n}", "default")
+            )
+            assert not _exists(
+                lambda n=name: networking.read_namespaced_network_policy(
+                    f"{n}-attempt-1", "default"
+                )
+            )
+            assert _reasons(cluster, name).count("WorkloadsDeleted") == 1
+        for name in names:  # the others, cleaned up before, stay as they were
+            assert cluster.jobs(name) == [] and cluster.get(name)["status"]["attempts"] == 1
+        operator.kill()  # no clean stop needed

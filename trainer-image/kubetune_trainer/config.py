@@ -20,6 +20,10 @@ ComputeDtype = Literal["bfloat16", "float16", "float32"]
 DistributedStrategy = Literal["auto", "ddp", "fsdp"]
 FsdpSharding = Literal["full", "hybrid"]
 ResolvedStrategy = Literal["single", "ddp", "fsdp"]
+# Task metrics scored on greedy generations (evaluation.py), and what a gate can test:
+# those, or a loss (lower is better; the scores are higher-is-better).
+TaskMetric = Literal["exactMatch", "tokenF1", "rougeL", "bleu"]
+GateMetric = Literal["evalLoss", "testLoss", "exactMatch", "tokenF1", "rougeL", "bleu"]
 
 # JSON the operator sets on a cluster's trainer pods: {"earlierAttemptsGpuSeconds",
 # "gpusPerPod", "pods"}; the artifact's manifest records GPU time from it (artifact.py).
@@ -206,6 +210,35 @@ class DistributedConfig(_Strict):
         return self.strategy
 
 
+class GateConfig(_Strict):
+    """When a tuned model is promoted: every condition set must hold."""
+
+    metric: GateMetric
+    threshold: float | None = Field(
+        default=None, description="Losses: at most this; scores: at least this"
+    )
+    min_improvement: float | None = Field(
+        default=None, ge=0.0, description="Improvement over the base model (loss drop, score rise)"
+    )
+    max_retention_loss_increase: float | None = Field(
+        default=None, ge=0.0, description="Tuned minus base loss on the retention data, at most"
+    )
+
+
+class EvaluationConfig(_Strict):
+    """Base vs tuned evaluation (evaluation.py): losses on validation, test and retention
+    data, task metrics on greedy generations of a bounded sample, and a gate."""
+
+    test_sources: list[str] = []
+    test_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    retention_sources: list[str] = []
+    metrics: list[TaskMetric] = []
+    max_samples: int = Field(default=32, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    baseline: bool = Field(default=True, description="Evaluate the base model too")
+    gate: GateConfig | None = None
+
+
 def global_batch_size(training: TrainingConfig, world_size: int) -> int:
     """Examples per optimizer step across all ranks."""
     return training.batch_size * training.gradient_accumulation_steps * max(world_size, 1)
@@ -225,6 +258,7 @@ class TrainerConfig(_Strict):
     reporting: ReportingConfig = ReportingConfig()
     distributed: DistributedConfig = DistributedConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluation: EvaluationConfig | None = None
 
     @model_validator(mode="after")
     def _no_qlora_under_fsdp(self) -> TrainerConfig:

@@ -51,6 +51,11 @@ class RunIdentity:
         }
         training = config.training.model_dump(mode="json", exclude=set(NOT_IN_RESULT))
         settings |= {f"training.{key}": value for key, value in training.items()}
+        if config.evaluation is not None:  # the published eval.json and gate depend on it
+            evaluation = config.evaluation.model_dump(
+                mode="json", exclude={"test_sources", "retention_sources"}
+            )
+            settings |= {f"evaluation.{key}": value for key, value in evaluation.items()}
         canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         return cls(fingerprint=f"sha256:{digest}", settings=settings, job_uid=job_uid)

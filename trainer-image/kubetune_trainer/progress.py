@@ -70,6 +70,9 @@ class ProgressState:
     # Recent evaluations, step -> eval loss (the latest EVALUATIONS_KEPT), so that a poller
     # sees every evaluation, not only the one that happened to be latest when it asked.
     evaluations: dict[int, float] = field(default_factory=dict)
+    # Base vs tuned evaluation and the gate (evaluation.summary), once measured: base
+    # numbers before training, the rest after it.
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     def record_evaluation(self, step: int, loss: float) -> None:
         self.eval_loss = loss
@@ -139,11 +142,32 @@ class MetricsExporter:
         self._gauges = {
             attr: Gauge(name, doc, registry=self.registry) for attr, (name, doc) in gauges.items()
         }
+        # Bounded labels: the metric (at most nine names) and the model (base or tuned).
+        self._evaluation = Gauge(
+            "kubetune_trainer_evaluation",
+            "Evaluation of the base and the tuned model, by metric",
+            ["metric", "model"],
+            registry=self.registry,
+        )
+        self._gate = Gauge(
+            "kubetune_trainer_evaluation_gate_passed",
+            "1 when the tuned model passed the evaluation gate, 0 when it failed",
+            ["metric"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         for attr, gauge in self._gauges.items():
             value = getattr(self.state, attr)
             gauge.set(float("nan") if value is None else value)
+        for metric, numbers in (self.state.evaluation.get("metrics") or {}).items():
+            for model in ("base", "tuned"):
+                if numbers.get(model) is not None:
+                    self._evaluation.labels(metric=metric, model=model).set(numbers[model])
+        gate = self.state.evaluation.get("gate")
+        if gate is not None:
+            metric = str(gate.get("metric", ""))
+            self._gate.labels(metric=metric).set(1.0 if gate.get("passed") else 0.0)
         return generate_latest(self.registry)
 
 

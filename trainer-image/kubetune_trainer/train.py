@@ -80,6 +80,7 @@ class RunResult:
     tracking: dict[str, str] = field(default_factory=dict)  # tracking.Tracker.status()
     kind: str = "adapter"  # artifact.artifact_folder: "adapter", or "model" for method full
     reused: bool = False  # the artifact was already published by a run with these settings
+    evaluation: dict[str, Any] = field(default_factory=dict)  # evaluation.summary (or {})
 
     def as_termination_message(self) -> dict[str, Any]:
         message: dict[str, Any] = {
@@ -93,6 +94,8 @@ class RunResult:
         }
         if self.tracking:
             message["tracking"] = self.tracking
+        if self.evaluation:
+            message["evaluation"] = self.evaluation
         return message
 
 
@@ -496,6 +499,7 @@ def _run(
         validation_paths=local(config.dataset.validation_sources),
         seed=config.training.seed,
     )
+    held_out = _evaluation_data(config, prepared, local)  # test and retention examples
     clock.lap("data_preparation")
     identity = RunIdentity.of(config, prepared.stats["sources"], config.job_uid)
     artifact_key = artifact_folder(config.method.type)
@@ -536,6 +540,7 @@ def _run(
         *data_stage.tokenize_warnings(train_stats, "training", length),
         *data_stage.tokenize_warnings(eval_stats, "validation", length),
     ]
+    eval_sets = _evaluation_sets(config, prepared, held_out, eval_rows, tokenizer, state)
     for warning in state.warnings:
         log.warning("data: %s", warning)
     state.message = "; ".join(state.warnings)
@@ -586,6 +591,9 @@ def _run(
     clock.lap("model_build")
     if fast.names():
         log.info("GPU fast paths: %s", ", ".join(fast.names()))
+    # The base model's numbers, before any step (a resumed attempt has not loaded its
+    # checkpoint yet, so it measures the same base model again: same numbers).
+    base_eval = _evaluate(config, model, tokenizer, eval_sets, world, state, "base")
 
     # Train, resuming from the newest complete checkpoint of this run in the output store
     # (the one rank 0 sees, so that all ranks resume from the same step). Checkpoints of
@@ -667,8 +675,20 @@ def _run(
     if strategy == "fsdp":
         trainer.save_model(str(artifact_dir))
     published: PublishedArtifact | None = None
+    evaluation: dict[str, Any] = {}
     if world.is_main:
         _save_artifact(trainer, tokenizer, artifact_dir, config, model_dir, strategy)
+        evaluation = _evaluate_tuned(
+            config,
+            trainer,
+            tokenizer,
+            eval_sets,
+            base_eval,
+            artifact_dir,
+            model_dir,
+            strategy,
+            state,
+        )
         tracker.close_tensorboard()  # complete event files before the manifest hashes them
         published = _publish(
             trainer,
@@ -684,6 +704,7 @@ def _run(
             state,
             identity,
             edited,
+            evaluation,
         )
     # The others wait for rank 0: a rank's early exit would not fail the attempt, but an
     # attempt whose rank 0 fails to publish must not look half successful.
@@ -699,6 +720,7 @@ def _run(
         local_artifact_dir=artifact_dir if world.is_main else None,
         tracking=dict(state.tracking),
         kind=artifact_key,
+        evaluation=evaluation,
     )
 
 
@@ -737,6 +759,7 @@ def _reused_result(
         resumed_from_step=manifest.get("resumed_from_step"),
         kind=key,
         reused=True,
+        evaluation=dict(manifest.get("evaluation") or {}),
     )
 
 
@@ -791,6 +814,7 @@ def _publish(
     state: ProgressState | None = None,
     identity: RunIdentity | None = None,
     edited: list[str] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> PublishedArtifact:
     _write_loss_plot(trainer.state.log_history, artifact_dir / "loss.png", config)
     details: dict[str, Any] = {
@@ -808,6 +832,8 @@ def _publish(
         # steps up to resumed_from_step were trained with the earlier values.
         "resumed_with_other_settings": edited or [],
     }
+    if evaluation:  # base vs tuned and the gate (eval.json has every number)
+        details["evaluation"] = evaluation
     if state is not None:
         details["examples_per_optimizer_step"] = state.examples_per_step
         details["rows_per_device_step"] = state.rows_per_device_step
@@ -970,3 +996,188 @@ def _save_merged(adapter_dir: Path, model_dir: Path, target: Path) -> None:
 def _write_loss_plot(history: list[dict[str, Any]], path: Path, config: TrainerConfig) -> None:
     if config.reporting.loss_plot:
         write_loss_plot(history, path, f"{config.job_name}: {config.method.type}")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _evaluation_data(config: TrainerConfig, prepared: Any, local: Any) -> dict[str, list[Any]]:
+    """Test and retention examples (spec.evaluation), leak-free: a test percentage comes
+    out of the training examples, test files lose any example also in training or
+    validation. Their files join the run's provenance (and so its identity)."""
+    ev = config.evaluation
+    if ev is None:
+        return {}
+    from . import evaluation as evaluation_stage
+
+    test: list[Any] = []
+    if ev.test_sources:
+        test, records, leaked = evaluation_stage.load_test(
+            local(ev.test_sources), config.dataset, prepared.train, prepared.validation
+        )
+        prepared.stats["sources"] += records
+        if leaked:
+            prepared.warnings.append(
+                f"{leaked} test examples also in the training or validation data were "
+                "dropped from the test set"
+            )
+    elif ev.test_ratio > 0 and prepared.train:
+        # A share of all (deduplicated) rows, as validation's percentage.
+        total = len(prepared.train) + len(prepared.validation)
+        ratio = min(ev.test_ratio * total / len(prepared.train), 0.9)
+        prepared.train, test = evaluation_stage.split_test(
+            prepared.train, ratio, config.training.seed
+        )
+        prepared.stats["train_examples"] = len(prepared.train)
+    retention: list[Any] = []
+    if ev.retention_sources:
+        retention, records = evaluation_stage.load_retention(
+            local(ev.retention_sources), config.dataset
+        )
+        prepared.stats["sources"] += records
+    prepared.stats["test_examples"] = len(test)
+    prepared.stats["retention_examples"] = len(retention)
+    return {"test": test, "retention": retention}
+
+
+def _evaluation_sets(
+    config: TrainerConfig,
+    prepared: Any,
+    held_out: dict[str, list[Any]],
+    eval_rows: list[dict[str, list[int]]],
+    tokenizer: Any,
+    state: ProgressState,
+) -> Any:
+    """evaluation.EvalSets for spec.evaluation (None without it): unpacked rows of the
+    validation, test and retention sets, and the prompts for generation."""
+    ev = config.evaluation
+    if ev is None:
+        return None
+    from . import data as data_stage
+    from . import evaluation as evaluation_stage
+
+    length = config.dataset.max_seq_length
+    test_rows, _ = data_stage.tokenize_examples(
+        held_out["test"], tokenizer, length, allow_empty=True
+    )
+    retention_rows, _ = data_stage.tokenize_examples(
+        held_out["retention"], tokenizer, length, allow_empty=True
+    )
+    split = "test" if held_out["test"] else "validation"
+    source = held_out["test"] or prepared.validation
+    prompts = evaluation_stage.prompts_of(source, tokenizer, ev.max_samples) if ev.metrics else []
+    if ev.metrics and not prompts:
+        state.warnings.append(
+            f"evaluation: no prompt/response examples in the {split} set, so no task "
+            "metrics (they need chat or instruction rows)"
+        )
+    return evaluation_stage.EvalSets(
+        validation=list(eval_rows),
+        test=test_rows,
+        retention=retention_rows,
+        prompts=prompts,
+        prompt_split=split,
+        counts={
+            "validation": len(eval_rows),
+            "test": len(test_rows),
+            "retention": len(retention_rows),
+            "generated": len(prompts),
+        },
+    )
+
+
+def _evaluate(
+    config: TrainerConfig,
+    model: Any,
+    tokenizer: Any,
+    sets: Any,
+    world: World,
+    state: ProgressState,
+    side: str,
+) -> tuple[dict[str, float], list[str]] | None:
+    """Rank 0 measures ``model`` (the others wait); None when not asked to."""
+    if sets is None or config.evaluation is None or not config.evaluation.baseline:
+        return None
+    from .evaluation import measure
+
+    result = None
+    if world.is_main:
+        phase, state.phase = state.phase, "evaluating"
+        result = measure(model, tokenizer, sets, config.evaluation, config.training.batch_size)
+        state.evaluation = {"metrics": {k: {side: v} for k, v in result[0].items()}}
+        log.info("evaluation (%s): %s", side, json.dumps(result[0], sort_keys=True))
+        state.phase = phase
+    distributed.barrier()
+    return result
+
+
+def _evaluate_tuned(
+    config: TrainerConfig,
+    trainer: Any,
+    tokenizer: Any,
+    sets: Any,
+    base_eval: tuple[dict[str, float], list[str]] | None,
+    artifact_dir: Path,
+    model_dir: Path,
+    strategy: ResolvedStrategy,
+    state: ProgressState,
+) -> dict[str, Any]:
+    """Measure the tuned model, compare with the base, apply the gate, write eval.json and
+    samples.jsonl into the artifact; the summary for status (rank 0; {} without
+    spec.evaluation)."""
+    ev = config.evaluation
+    if sets is None or ev is None:
+        return {}
+    from . import evaluation as evaluation_stage
+
+    model = trainer.model
+    if strategy == "fsdp":  # the sharded model cannot generate alone: load what was saved
+        model = _load_saved(artifact_dir, model_dir, config)
+    state.phase = "evaluating"
+    tuned, outputs = evaluation_stage.measure(
+        model, tokenizer, sets, ev, config.training.batch_size
+    )
+    base, base_outputs = base_eval or ({}, [])
+    results = evaluation_stage.compare(base, tuned)
+    outcome = evaluation_stage.evaluate_gate(ev.gate, results) if ev.gate else None
+    report = evaluation_stage.summary(results, outcome, ev.gate, len(sets.prompts))
+    details = {
+        **report,
+        "gate": {
+            **(report.get("gate") or {}),
+            **ev.gate.model_dump(mode="json"),
+            "checks": outcome.checks if outcome else [],
+        }
+        if ev.gate
+        else None,
+        "sampleSplit": sets.prompt_split,
+        "decoding": {
+            "strategy": "greedy",
+            "maxNewTokens": ev.max_new_tokens,
+            "maxSamples": ev.max_samples,
+        },
+        "examples": dict(sets.counts),
+        "taskMetrics": list(ev.metrics),
+        "baseline": ev.baseline,
+    }
+    samples = evaluation_stage.sample_records(sets, base_outputs, outputs, list(ev.metrics))
+    evaluation_stage.write_files(artifact_dir, details, samples)
+    state.evaluation = report
+    log.info("evaluation: %s", report["headline"])
+    if outcome is not None:
+        (log.info if outcome.passed else log.warning)("evaluation %s", outcome.message)
+    state.phase = "saving"
+    return report
+
+
+def _load_saved(artifact_dir: Path, model_dir: Path, config: TrainerConfig) -> Any:
+    """The tuned model as saved in ``artifact_dir`` (full weights, or base + adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if _cuda() else "cpu"
+    if config.method.type == "full":
+        return AutoModelForCausalLM.from_pretrained(str(artifact_dir)).to(device)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    return PeftModel.from_pretrained(base, str(artifact_dir)).to(device)
