@@ -9,6 +9,7 @@
                                       FineTunePolicy: docs/policy-reference.md)
     kubetune tiny-model DIR           build a tiny offline model, tokenizer and dataset
     kubetune train -f job.yaml        run a FineTuneJob locally, no cluster needed
+    kubetune plan -f job.yaml         data report and GPU memory estimate, before a GPU is spent
     kubetune sweep -f sweep.yaml      run a FineTuneSweep locally, one trial after another
     kubetune operator                 run the operator (in the cluster, or against a kubeconfig)
 
@@ -199,6 +200,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
             update={"output": config.output.model_copy(update={"overwrite": True})}
         )
     return launch_local(config, job.spec.world_size)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .memory import ARCHITECTURE_ANNOTATION
+    from .plan import PlanError, run_plan
+    from .translate import trainer_config
+
+    read = _read_one(args.filename, "FineTuneJob", parse_manifest)
+    if read is None:
+        return 2
+    job, document = read
+    spec = _with_local_paths(args.filename, document.body["spec"], document.directory, "spec")
+    if spec is None:
+        return 2
+    job = parse_manifest({**document.body, "spec": spec})
+    config = trainer_config(job, output_uri=str(Path(tempfile.gettempdir()) / "kubetune-plan"))
+    try:
+        code, report, lines = run_plan(
+            job, config, gpu_memory=args.gpu_memory, with_data=not args.no_data
+        )
+    except (PlanError, ValueError, OSError) as error:
+        print(f"✗ {args.filename}: {error}", file=sys.stderr)
+        return 2
+    text = sys.stderr if args.annotate or args.output == "json" else sys.stdout
+    if args.output == "json":
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"plan for {job.metadata.name} ({args.filename})", file=text)
+        for line in lines:
+            print(line, file=text)
+    if args.annotate:  # the manifest as written, plus what the operator checks it with
+        body = copy.deepcopy(document.body)
+        annotations = body.setdefault("metadata", {}).setdefault("annotations", {})
+        annotations[ARCHITECTURE_ANNOTATION] = json.dumps(
+            report["architecture"], sort_keys=True, separators=(",", ":")
+        )
+        sys.stdout.write(yaml.safe_dump(body, sort_keys=False))
+    return code
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -444,6 +485,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(as spec.output.overwrite: true)",
     )
     train.set_defaults(run=_cmd_train)
+
+    plan = commands.add_parser(
+        "plan",
+        help="data report and GPU memory estimate of a FineTuneJob, before a GPU is spent",
+    )
+    plan.add_argument("-f", "--filename", required=True, help="the FineTuneJob manifest")
+    plan.add_argument(
+        "--gpu-memory",
+        metavar="QUANTITY",
+        help="memory of each GPU, such as 80Gi (default: spec.resources.gpuMemory)",
+    )
+    plan.add_argument(
+        "--no-data", action="store_true", help="the memory estimate only (no data report)"
+    )
+    plan.add_argument(
+        "--annotate",
+        action="store_true",
+        help="print the manifest with the kubetune.io/model-architecture annotation the "
+        "operator checks spec.resources.gpuMemory with (the report goes to stderr)",
+    )
+    plan.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    plan.set_defaults(run=_cmd_plan)
 
     sweep = commands.add_parser("sweep", help="run a FineTuneSweep locally, trial by trial")
     sweep.add_argument("-f", "--filename", required=True, help="the FineTuneSweep manifest")

@@ -94,6 +94,9 @@ def parse_quantity(value: int | str) -> int:
 
 
 def gib(value: float) -> str:
+    """Bytes as GiB (MiB under 1 GiB)."""
+    if abs(value) < GIB:
+        return f"{value / 2**20:.1f} MiB"
     return f"{value / GIB:.2f} GiB"
 
 
