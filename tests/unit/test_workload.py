@@ -400,3 +400,19 @@ def test_the_model_cache_claim_is_mounted_and_named_to_the_trainer() -> None:
     parsed = ApiClient()._ApiClient__deserialize(cached, V1Job)
     volume = parsed.spec.template.spec.volumes[-1]
     assert volume.persistent_volume_claim.claim_name == "kubetune-models"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--job-network-policy", '{"operatorNamespace": "ns"}'], "operatorPodLabels"),
+        (["--ttl-seconds-after-finished", "-1"], "0 or more"),
+    ],
+)
+def test_the_operator_refuses_bad_isolation_settings_before_it_starts(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kubetune_operator.cli import main
+
+    assert main(["operator", "--kubeconfig", "/nonexistent", *args]) == 2
+    assert says in capsys.readouterr().err
