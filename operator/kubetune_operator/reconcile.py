@@ -327,9 +327,14 @@ def _result(message: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- decisions
 
 
+# Not part of what an attempt runs with: read from the current spec whenever they apply.
+_NOT_RUN_WITH = {"suspend", "ttlSecondsAfterFinished"}
+
+
 def spec_json(job: FineTuneJob) -> str:
-    """The spec an attempt runs with (suspend is not part of it), as stable JSON."""
-    return json.dumps(job.spec.model_dump(mode="json", exclude={"suspend"}), sort_keys=True)
+    """The spec an attempt runs with (suspend and the TTL after finishing are not part of
+    it: changing them is no spec change a running attempt ignores), as stable JSON."""
+    return json.dumps(job.spec.model_dump(mode="json", exclude=_NOT_RUN_WITH), sort_keys=True)
 
 
 def _job_from(body: dict[str, Any], spec: Any) -> FineTuneJob:

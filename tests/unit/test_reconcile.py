@@ -958,3 +958,15 @@ def test_a_retrying_job_keeps_its_attempts_and_start_time_when_an_earlier_job_is
     pending = reconcile(_job(status), [_attempt(2)], [], image=IMAGE, now=NOW)
     assert pending.create_job is None and pending.status["attempts"] == 2
     assert pending.status["startTime"] == started
+
+
+def test_changing_the_ttl_of_a_running_job_is_no_ignored_spec_change() -> None:
+    """The TTL applies when the job has finished, read from the spec as it is then."""
+    started = _started_spec()
+    assert "ttlSecondsAfterFinished" not in json.loads(started)
+    changed = _job(RUNNING, generation=2, ttlSecondsAfterFinished=60)
+    decision = reconcile(
+        changed, [_attempt(1, spec_json=started)], [_pod(1, "Running")], image=IMAGE, now=NOW
+    )
+    assert all(c["type"] != "SpecChangeIgnored" for c in decision.status["conditions"])
+    assert decision.status["state"] == "Running"
