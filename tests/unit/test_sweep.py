@@ -438,3 +438,26 @@ def test_a_trial_marked_pruned_but_not_yet_suspended_is_suspended() -> None:
     assert decision.stop_trials == ["lr-0"]
     children[0]["spec"]["suspend"] = True
     assert reconcile_sweep(body, children, now=NOW).stop_trials == []
+
+
+def test_trials_cleaned_up_after_their_ttl_change_nothing_in_the_sweep() -> None:
+    """A finished trial's Jobs and pods are deleted after its TTL (the job reconciler
+    records WorkloadsDeleted): the sweep reads only its trials' status, so its result,
+    its trials and its decisions stay the same."""
+    from kubetune_operator.reconcile import reconcile
+
+    body = _body()
+    children: list[dict[str, Any]] = []
+    decision = _run(body, children, rounds=3)
+    assert decision.status["state"] == "Succeeded"
+    _apply(decision, body, children)
+    before = reconcile_sweep(body, children, now=NOW)
+    for child in children:
+        child["status"]["completionTime"] = "2026-05-01T11:00:00Z"
+        child["metadata"].update(namespace="ns", uid=f"uid-{child['metadata']['name']}")
+        cleaned = reconcile(child, [], [], image="t", now=NOW, ttl_seconds_after_finished=0)
+        assert any(c["type"] == "WorkloadsDeleted" for c in cleaned.status["conditions"])
+        child["status"] = cleaned.status
+    after = reconcile_sweep(body, children, now=NOW)
+    assert after.status == before.status
+    assert after.create_trials == [] and after.stop_trials == [] and after.events == []
