@@ -172,3 +172,22 @@ def test_a_downloader_killed_mid_download_leaves_no_usable_copy(
     assert _tree(result.path) == _tree(tiny_model)
     assert not list(entry.glob(f"{PARTIAL}*"))
     assert cache.fetch(S3Source(s3_model, endpoint_url=seaweedfs.endpoint_url)).hit
+
+
+def test_a_missing_model_is_model_invalid_with_the_cache_too(
+    seaweedfs, s3_model: str, tmp_path: Path
+) -> None:
+    from kubetune_trainer.config import ModelConfig
+    from kubetune_trainer.errors import ModelInvalid
+    from kubetune_trainer.modeling import resolve_model
+
+    missing = s3_model.replace("/models/tiny", "/models/nothing-here")
+    cache = ModelCache(tmp_path / "model-cache")
+    with pytest.raises(ModelInvalid, match=r"spec\.model\.source: .*does not exist"):
+        resolve_model(
+            ModelConfig(source=missing),
+            tmp_path / "scratch",
+            endpoint_url=seaweedfs.endpoint_url,
+            model_cache=cache,
+        )
+    assert not cache.entry(missing, None).exists()  # nothing left behind for a typo
