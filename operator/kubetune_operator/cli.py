@@ -427,6 +427,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             ttl_seconds_after_finished=args.ttl_seconds_after_finished,
             network_policy=network_policy,
             model_cache_claim=args.model_cache_claim or None,
+            trainer_uid=args.trainer_uid,
         ),
         kubeconfig=args.kubeconfig,
         namespaces=args.namespace or [],
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(run=_cmd_sweep)
 
-    from .workload import DEFAULT_IMAGE, PROGRESS_PORT
+    from .workload import DEFAULT_IMAGE, PROGRESS_PORT, TRAINER_UID
 
     operator = commands.add_parser("operator", help="run the FineTuneJob operator")
     operator.add_argument(
@@ -570,8 +571,30 @@ def build_parser() -> argparse.ArgumentParser:
         "downloaded once (a FineTunePolicy's spec.modelCache.claimName overrides it; "
         "default: no cache)",
     )
+    operator.add_argument(
+        "--trainer-uid",
+        type=_uid,
+        default=TRAINER_UID,
+        metavar="UID|platform",
+        help=f"the UID (also group and fsGroup) trainer pods run as (default: {TRAINER_UID}, "
+        "the trainer image's user); platform: set none and let the platform assign one, "
+        "as OpenShift's restricted SCC requires",
+    )
     operator.set_defaults(run=_cmd_operator)
     return parser
+
+
+def _uid(value: str) -> int | None:
+    """``--trainer-uid``: a UID of 1 or more, or "platform" (None: the platform assigns)."""
+    if value == "platform":
+        return None
+    try:
+        uid = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a UID or 'platform'") from None
+    if uid < 1:
+        raise argparse.ArgumentTypeError("the trainer must not run as root (UID 0)")
+    return uid
 
 
 def main(argv: Sequence[str] | None = None) -> int:

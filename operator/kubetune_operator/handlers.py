@@ -59,9 +59,11 @@ from .workload import (
     MANAGED_BY,
     PROGRESS_PORT,
     QUEUE_LABEL,
+    TRAINER_UID,
     NetworkPolicyConfig,
     attempt_network_policy,
     with_model_cache,
+    with_trainer_uid,
 )
 
 FINALIZER = "kubetune.io/finalizer"
@@ -85,6 +87,8 @@ class OperatorConfig:
     # mounted in every attempt pod (the chart's modelCache.claimName; a namespace's
     # FineTunePolicy spec.modelCache.claimName overrides it); None: no cache.
     model_cache_claim: str | None = None
+    # The trainer pods' UID (and group, fsGroup); None: the platform assigns one (OpenShift).
+    trainer_uid: int | None = TRAINER_UID
 
 
 class Reconciler:
@@ -160,6 +164,8 @@ class Reconciler:
             claim = model_cache_claim(policies) or self.config.model_cache_claim
             if decision.create_job is not None and claim:
                 decision.create_job = with_model_cache(decision.create_job, claim)
+            if decision.create_job is not None and self.config.trainer_uid != TRAINER_UID:
+                decision.create_job = with_trainer_uid(decision.create_job, self.config.trainer_uid)
             self._apply(body, decision, logger)
         self.tenancy.note(namespace, body.get("status") or {}, decision.status)
         self._reconciled[(namespace, name)] = time.monotonic()

@@ -347,6 +347,22 @@ def with_model_cache(job: Mapping[str, Any], claim_name: str | None) -> dict[str
     return result
 
 
+def with_trainer_uid(job: Mapping[str, Any], uid: int | None) -> dict[str, Any]:
+    """An attempt Job whose trainer pods run as ``uid`` (also their group and fsGroup),
+    or, for None, as whatever user the platform assigns: no runAsUser, runAsGroup or
+    fsGroup, as OpenShift's restricted SCC requires (it picks a UID from the namespace's
+    range, and refuses pods that name another). runAsNonRoot stays; nothing the trainer
+    writes depends on the UID (see :data:`WRITABLE_ENV`)."""
+    result: dict[str, Any] = json.loads(json.dumps(job))
+    security = result["spec"]["template"]["spec"]["securityContext"]
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        if uid is None:
+            security.pop(key, None)
+        else:
+            security[key] = uid
+    return result
+
+
 def rank_service(job: FineTuneJob, *, uid: str) -> dict[str, Any] | None:
     """The headless Service that gives rank 0 a DNS name (multi-node jobs only).
 

@@ -121,6 +121,7 @@ def test_values_yaml_satisfies_its_schema() -> None:
         ({"securityContext": {"allowPrivilegeEscalation": True}}, "allowPrivilegeEscalation"),
         ({"modelCache": {"create": True}}, "claimName"),  # creating needs a name
         ({"modelCache": {"claimName": "Models"}}, "/modelCache/claimName"),
+        ({"trainerPod": {"runAsUser": 0}}, "/trainerPod/runAsUser"),  # never root
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
@@ -618,6 +619,32 @@ def test_the_charts_default_ttl_is_a_day(default: list[dict[str, Any]]) -> None:
 
     args = build_parser().parse_args(["operator", *_operator_args(default)])
     assert args.ttl_seconds_after_finished == 86400
+
+
+# --------------------------------------------------------------------------- trainer pods
+
+
+@pytest.mark.parametrize(("run_as", "uid"), [(10001, 10001), (2000, 2000), (None, None)])
+def test_the_trainer_uid_reaches_the_operator(run_as: int | None, uid: int | None) -> None:
+    """null leaves the UID to the platform (OpenShift); the pods stay restricted."""
+    from kubetune_operator.api.validation import parse_manifest
+    from kubetune_operator.cli import build_parser
+    from kubetune_operator.workload import attempt_job, with_trainer_uid
+
+    manifests = render_manifests({"trainerPod": {"runAsUser": run_as}})
+    args = build_parser().parse_args(["operator", *_operator_args(manifests)])
+    assert args.trainer_uid == uid
+    job = parse_manifest(yaml.safe_load((ROOT / "examples" / "llama-8b-qlora.yaml").read_text()))
+    pod = with_trainer_uid(attempt_job(job, uid="u", attempt=1, image="t"), args.trainer_uid)
+    assert restricted_violations(pod["spec"]["template"]["spec"]) == []
+
+
+def test_the_default_trainer_uid_is_the_operators_default(default: list[dict[str, Any]]) -> None:
+    from kubetune_operator.cli import build_parser
+    from kubetune_operator.workload import TRAINER_UID
+
+    args = build_parser().parse_args(["operator", *_operator_args(default)])
+    assert args.trainer_uid == TRAINER_UID
 
 
 # --------------------------------------------------------------------------- model cache

@@ -127,13 +127,18 @@ def _policy(name: str, **spec: Any) -> dict[str, Any]:
     }
 
 
-def _claims(operator_claim: str | None, policies: list[dict[str, Any]]) -> list[str]:
-    """The PVCs the first attempt's pods mount as the model cache."""
+def _created(config: OperatorConfig, policies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first attempt's Job, as the reconciler creates it."""
     api = CreatingApi(policies)
-    config = OperatorConfig(model_cache_claim=operator_claim)
     reconciler = Reconciler(api, config, OperatorMetrics())  # type: ignore[arg-type]
     reconciler._reconcile_locked(dict(JOB_BODY), logging.getLogger("test"))
     (job,) = api.created
+    return job
+
+
+def _claims(operator_claim: str | None, policies: list[dict[str, Any]]) -> list[str]:
+    """The PVCs the first attempt's pods mount as the model cache."""
+    job = _created(OperatorConfig(model_cache_claim=operator_claim), policies)
     volumes = job["spec"]["template"]["spec"]["volumes"]
     return [
         v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
@@ -211,3 +216,15 @@ def test_cleanup_deletes_the_service_and_policies_before_the_jobs() -> None:
     ]
     # Without per-attempt policies there are none to delete (nor the RBAC to do it).
     assert [c for c in _run(OrderedApi(jobs), finished) if "network" in c[0]] == []
+
+
+def test_the_operators_trainer_uid_reaches_the_attempt_pods() -> None:
+    def security(config: OperatorConfig) -> dict[str, Any]:
+        context: dict[str, Any] = _created(config, [])["spec"]["template"]["spec"][
+            "securityContext"
+        ]
+        return context
+
+    assert security(OperatorConfig())["runAsUser"] == 10001
+    assert security(OperatorConfig(trainer_uid=2000))["fsGroup"] == 2000
+    assert "runAsUser" not in security(OperatorConfig(trainer_uid=None))

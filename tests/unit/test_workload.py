@@ -22,6 +22,7 @@ from kubetune_operator.workload import (
     rank_service,
     service_name,
     with_model_cache,
+    with_trainer_uid,
 )
 from kubetune_trainer.config import MODEL_CACHE_ENV, TrainerConfig
 
@@ -416,3 +417,19 @@ def test_the_operator_refuses_bad_isolation_settings_before_it_starts(
 
     assert main(["operator", "--kubeconfig", "/nonexistent", *args]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_trainer_pods_can_leave_the_uid_to_the_platform() -> None:
+    """OpenShift's restricted SCC assigns a UID from the namespace's range and refuses
+    pods that name another: with None the pod names no UID, group or fsGroup, and stays
+    non-root; a UID of the platform team's choosing is set as user, group and fsGroup."""
+    job = _job()
+    security = job["spec"]["template"]["spec"]["securityContext"]
+    assert security["runAsUser"] == security["fsGroup"] == 10001  # the image's user
+    assigned = with_trainer_uid(job, None)["spec"]["template"]["spec"]["securityContext"]
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(assigned)
+    assert assigned["runAsNonRoot"] is True
+    assert assigned["seccompProfile"] == {"type": "RuntimeDefault"}
+    chosen = with_trainer_uid(job, 2000)["spec"]["template"]["spec"]["securityContext"]
+    assert chosen["runAsUser"] == chosen["runAsGroup"] == chosen["fsGroup"] == 2000
+    assert job["spec"]["template"]["spec"]["securityContext"] == security  # input unchanged
