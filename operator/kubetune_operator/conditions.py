@@ -20,6 +20,9 @@ RECONCILING = "Reconciling"  # True while work is in flight (pending, queued, tr
 SPEC_CHANGED = "SpecChangeIgnored"  # the spec changed after the job started
 # A finished job's attempt Jobs, pods, Service and NetworkPolicies were deleted (its TTL).
 WORKLOADS_DELETED = "WorkloadsDeleted"
+# spec.evaluation.gate's verdict on the tuned model (reason GatePassed, GateFailed, or
+# NotEvaluated when the trainer reported none); status.promotedArtifact follows it.
+EVALUATION_PASSED = "EvaluationPassed"
 
 
 def now_rfc3339(now: datetime | None = None) -> str:

@@ -64,12 +64,28 @@ class OperatorMetrics:
             labels,
             registry=r,
         )
+        # Base vs tuned evaluation (status.evaluation): one series per job, metric
+        # (at most nine names) and model (base or tuned); the gate's verdict per job.
+        self.job_evaluation = Gauge(
+            "kubetune_job_evaluation",
+            "Evaluation of the base and the tuned model (status.evaluation), by metric",
+            ["namespace", "name", "metric", "model"],
+            registry=r,
+        )
+        self.job_gate_passed = Gauge(
+            "kubetune_job_evaluation_gate_passed",
+            "1 when the job's evaluation gate passed (artifact promoted), 0 when it failed",
+            labels,
+            registry=r,
+        )
         self._per_job = (
             self.job_progress,
             self.job_train_loss,
             self.job_eval_loss,
             self.job_tokens_per_second,
+            self.job_gate_passed,
         )
+        self._evaluation_series: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.sweep_trials = Gauge(
             "kubetune_sweep_trials",
             "Trials of a FineTuneSweep by state",
@@ -108,6 +124,18 @@ class OperatorMetrics:
         ):
             if metrics.get(key) is not None:
                 gauge.labels(namespace, name).set(metrics[key])
+        evaluation = status.get("evaluation") or {}
+        for entry in evaluation.get("metrics") or []:
+            for model in ("base", "tuned"):
+                if entry.get(model) is not None:
+                    self.job_evaluation.labels(namespace, name, entry["name"], model).set(
+                        entry[model]
+                    )
+                    series = self._evaluation_series.setdefault((namespace, name), set())
+                    series.add((entry["name"], model))
+        gate = evaluation.get("gate")
+        if gate is not None:
+            self.job_gate_passed.labels(namespace, name).set(1 if gate.get("passed") else 0)
 
     def observe_gpu_seconds(self, namespace: str, before: Any, after: Any) -> None:
         """Count a job's status.gpuSeconds growing from ``before`` to ``after`` (as read
@@ -123,6 +151,9 @@ class OperatorMetrics:
         for gauge in self._per_job:
             with contextlib.suppress(KeyError):
                 gauge.remove(namespace, name)
+        for metric, model in self._evaluation_series.pop((namespace, name), set()):
+            with contextlib.suppress(KeyError):
+                self.job_evaluation.remove(namespace, name, metric, model)
 
     def observe_sweep(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Trials by state and the best value (status.counts and status.bestTrial)."""

@@ -6,7 +6,7 @@ import json
 import urllib.request
 from typing import Any
 
-from .api.types import TrackingStatus
+from .api.types import EvaluationStatus, GateResult, MetricComparison, TrackingStatus
 from .workload import PROGRESS_PORT
 
 WARNINGS_KEPT = 10  # the trainer's data warnings copied into status.dataWarnings
@@ -46,6 +46,45 @@ def tracking_status(tracking: Any) -> dict[str, Any] | None:
         tensorboardUri=_text(tracking.get("tensorboardUri")),
         message=f"MLflow {mlflow}; training went on without it"
         if mlflow.startswith("unavailable")
+        else None,
+    )
+    return status.model_dump(exclude_none=True) or None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if value == value and abs(value) != float("inf") else None
+
+
+def evaluation_status(report: Any) -> dict[str, Any] | None:
+    """status.evaluation from the trainer's evaluation summary (termination message):
+    ``{"metrics": {name: {"base", "tuned", "delta"}}, "samples", "headline", "gate"}``;
+    what does not fit the API's types is left out."""
+    if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict):
+        return None
+    metrics = [
+        MetricComparison(
+            name=str(name),
+            base=_number(numbers.get("base")),
+            tuned=_number(numbers.get("tuned")),
+            delta=_number(numbers.get("delta")),
+        )
+        for name, numbers in report["metrics"].items()
+        if isinstance(numbers, dict)
+    ]
+    gate = report.get("gate")
+    samples = report.get("samples")
+    status = EvaluationStatus(
+        metrics=metrics or None,
+        samples=samples if isinstance(samples, int) and samples >= 0 else None,
+        headline=_text(report.get("headline")),
+        gate=GateResult(
+            metric=str(gate.get("metric") or ""),
+            passed=gate.get("passed") is True,
+            message=str(gate.get("message") or "")[:1000],
+        )
+        if isinstance(gate, dict)
         else None,
     )
     return status.model_dump(exclude_none=True) or None

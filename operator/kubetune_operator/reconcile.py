@@ -44,7 +44,7 @@ from .api.types import API_VERSION, KIND, FineTuneJob
 from .api.validation import InvalidManifest, Problem, parse_manifest
 from .memory import ARCHITECTURE_ANNOTATION, INSUFFICIENT_GPU_MEMORY, memory_refusal
 from .policy import CONCURRENCY_LIMIT, POLICY_VIOLATION, Slots, all_violations, with_defaults
-from .progress import tracking_status
+from .progress import evaluation_status, tracking_status
 from .workload import (
     ATTEMPT_LABEL,
     COMPLETION_INDEX,
@@ -395,7 +395,7 @@ class _Builder:
         self.slots: Slots | None = None
         self.ttl_default: int | None = None  # seconds after finishing; None: never
 
-    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+    def condition(self, type_: str, status: bool | str, reason: str, message: str = "") -> None:
         self.conditions = c.set_condition(
             self.conditions,
             type_,
@@ -874,10 +874,51 @@ def _succeed(b: _Builder, attempt: AttemptView) -> Decision:
         b.status["progress"] = progress
     b.status["completionTime"] = c.now_rfc3339(b.now)
     uri = (artifact or {}).get("uri", "the output store")
+    promoted = _evaluated(b, attempt, result.get("evaluation"))
+    if artifact and promoted:
+        b.status["promotedArtifact"] = artifact
+    else:
+        b.status.pop("promotedArtifact", None)
+    message = f"the adapter is at {uri}"
+    if not promoted:
+        message += "; not promoted: the evaluation gate did not pass"
     b.condition(c.RUNNING, False, "Completed", f"attempt {attempt.attempt} completed")
     b.condition(c.SUCCEEDED, True, "Completed", f"the adapter is at {uri}")
-    b.state("Succeeded", "Completed", f"the adapter is at {uri}", action="CompleteJob")
+    b.state("Succeeded", "Completed", message, action="CompleteJob")
     return b.finish()
+
+
+def _gate_of(spec_text: str | None) -> Any:
+    """spec.evaluation.gate of the spec an attempt ran with (None: no gate)."""
+    try:
+        spec = json.loads(spec_text or "{}")
+    except ValueError:
+        return None
+    evaluation = spec.get("evaluation") if isinstance(spec, dict) else None
+    return evaluation.get("gate") if isinstance(evaluation, dict) else None
+
+
+def _evaluated(b: _Builder, attempt: AttemptView, report: Any) -> bool:
+    """status.evaluation and the EvaluationPassed condition from the trainer's report;
+    whether the artifact is promoted: the gate passed, or the job has no gate."""
+    evaluation = evaluation_status(report)
+    if evaluation:
+        b.status["evaluation"] = evaluation
+    gate = (evaluation or {}).get("gate")
+    if gate is not None:
+        passed = bool(gate["passed"])
+        reason = "GatePassed" if passed else "GateFailed"
+        b.condition(c.EVALUATION_PASSED, passed, reason, gate.get("message", ""))
+        return passed
+    if _gate_of(attempt.spec_json) is not None:
+        b.condition(
+            c.EVALUATION_PASSED,
+            "Unknown",
+            "NotEvaluated",
+            "the trainer reported no evaluation (an older trainer image?); not promoted",
+        )
+        return False
+    return True
 
 
 def _suspend(b: _Builder, latest: AttemptView | None) -> Decision:

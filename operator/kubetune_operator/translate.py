@@ -13,8 +13,10 @@ from kubetune_trainer.config import (
     DatasetConfig,
     DistributedConfig,
     EarlyStoppingConfig,
+    EvaluationConfig,
     FieldMapping,
     FsdpConfig,
+    GateConfig,
     MethodConfig,
     MlflowConfig,
     ModelConfig,
@@ -130,6 +132,34 @@ def _distributed(spec: FineTuneJobSpec) -> DistributedConfig:
     )
 
 
+def _evaluation(spec: FineTuneJobSpec) -> EvaluationConfig | None:
+    evaluation = spec.evaluation
+    if evaluation is None:
+        return None
+    test, gate = evaluation.test, evaluation.gate
+
+    def number(value: str | None) -> float | None:
+        return float(value) if value is not None else None
+
+    return EvaluationConfig(
+        test_sources=list(test.sources or []) if test is not None else [],
+        test_ratio=(test.percent or 0) / 100 if test is not None else 0.0,
+        retention_sources=list(evaluation.retention.sources) if evaluation.retention else [],
+        metrics=list(evaluation.metrics or []),
+        max_samples=evaluation.maxSamples,
+        max_new_tokens=evaluation.maxNewTokens,
+        baseline=evaluation.baseline,
+        gate=GateConfig(
+            metric=gate.metric,
+            threshold=number(gate.threshold),
+            min_improvement=number(gate.minImprovement),
+            max_retention_loss_increase=number(gate.maxRetentionLossIncrease),
+        )
+        if gate is not None
+        else None,
+    )
+
+
 def _tracking(job: FineTuneJob) -> TrackingConfig:
     tracking = job.spec.tracking
     mlflow = tracking.mlflow
@@ -184,4 +214,5 @@ def trainer_config(
         reporting=reporting or ReportingConfig(),
         distributed=_distributed(spec),
         tracking=_tracking(job),
+        evaluation=_evaluation(spec),
     )

@@ -1,6 +1,7 @@
 -- Argo CD health check for kubetune.io/FineTuneJob (argocd-cm key:
 -- resource.customizations.health.kubetune.io_FineTuneJob). Reads only what the operator
--- writes: status.state, status.message, status.progress and status.observedGeneration.
+-- writes: status.state, status.message, status.progress, status.observedGeneration and
+-- the EvaluationPassed condition (a failed evaluation gate is Degraded).
 local hs = {status = "Progressing", message = "waiting for the kubetune operator"}
 if obj.status == nil or obj.status.state == nil then
   return hs
@@ -14,7 +15,20 @@ if status.observedGeneration ~= nil and obj.metadata ~= nil
   hs.message = "the operator has not seen the latest spec yet"
   return hs
 end
-if state == "Succeeded" then
+local gate = nil
+if status.conditions ~= nil then
+  for _, condition in ipairs(status.conditions) do
+    if condition.type == "EvaluationPassed" then
+      gate = condition
+    end
+  end
+end
+if state == "Succeeded" and gate ~= nil and gate.status ~= "True" then
+  -- The job finished and its artifact is kept, but it is not promoted: Degraded, so a
+  -- sync wave that would ship the model stops here (docs/evaluation.md).
+  hs.status = "Degraded"
+  message = "not promoted: " .. (gate.message or gate.reason or "evaluation gate")
+elseif state == "Succeeded" then
   hs.status = "Healthy"
 elseif state == "Failed" or state == "Invalid" then
   hs.status = "Degraded"

@@ -193,6 +193,20 @@ def crd() -> Schema:
             "description": "GPU-hours held by the job's pods, all attempts (status.gpuSeconds)",
             "priority": 1,
         },
+        {
+            "name": "Evaluation",
+            "type": "string",
+            "jsonPath": ".status.evaluation.headline",
+            "description": "The gate's metric (or the first task metric), base->tuned (delta)",
+            "priority": 1,
+        },
+        {
+            "name": "Gate",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="EvaluationPassed")].reason',
+            "description": "GatePassed or GateFailed (spec.evaluation.gate)",
+            "priority": 1,
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return _crd_of(KIND, PLURAL, SINGULAR, SHORT_NAMES, columns, openapi_schema())

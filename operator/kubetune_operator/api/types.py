@@ -22,8 +22,10 @@ from kubetune_trainer.config import (
     DatasetFormat,
     DistributedStrategy,
     FsdpSharding,
+    GateMetric,
     Precision,
     Scheduler,
+    TaskMetric,
 )
 from kubetune_trainer.config import Method as MethodType
 
@@ -648,6 +650,188 @@ class TrackingSpec(ApiModel):
     )
 
 
+class TestSplit(ApiModel):
+    """Held-out test data, never trained on nor used for early stopping: a percentage of
+    the rows, or its own sources."""
+
+    percent: int | None = Field(
+        default=None,
+        ge=1,
+        le=50,
+        description=(
+            "Percentage of the (deduplicated) rows held out as the test set, taken from "
+            "the training rows after the validation split."
+        ),
+    )
+    sources: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Separate test files (same URI forms as dataset.sources); rows also in the "
+            "training or validation data are dropped from them."
+        ),
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.percent) != has(self.sources)",
+            message="set test.percent or test.sources (one of them)",
+            holds=lambda m: (m.percent is None) != (m.sources is None),
+            field_path=".percent",
+        ),
+    )
+
+
+class RetentionData(ApiModel):
+    """General data the base model handles: its loss going up after tuning is forgetting."""
+
+    sources: list[Annotated[str, StringConstraints(min_length=1)]] = Field(
+        min_length=1,
+        description=(
+            "Files (same URI forms as dataset.sources) in any supported row format, "
+            'detected per file; plain text ({"text": ...}) is typical.'
+        ),
+    )
+
+
+class EvaluationGate(ApiModel):
+    """When the tuned model is promoted (status.promotedArtifact): every condition set
+    must hold; a metric that was not measured fails."""
+
+    metric: GateMetric = Field(
+        description=(
+            "What to judge: evalLoss or testLoss (lower is better), or a task metric in "
+            "evaluation.metrics (higher is better)."
+        )
+    )
+    threshold: _decimal(0.0, None) | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description=(
+            "The tuned model's value must be at most this for a loss, at least this for "
+            'a score (exactMatch, tokenF1, rougeL in 0..1; bleu in 0..100), e.g. "0.3".'
+        ),
+    )
+    minImprovement: _decimal(0.0, None) | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description=(
+            "The tuned model must beat the base model by at least this much (a loss "
+            'must drop by it, a score rise by it), e.g. "0.05". Needs baseline.'
+        ),
+    )
+    maxRetentionLossIncrease: _decimal(0.0, None) | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description=(
+            "The loss on evaluation.retention may grow by at most this much over the "
+            "base model's (forgetting). Needs evaluation.retention and baseline."
+        ),
+    )
+
+    rules = (
+        Rule(
+            cel="has(self.threshold) || has(self.minImprovement)",
+            message="gate needs threshold or minImprovement (or both)",
+            holds=lambda m: m.threshold is not None or m.minImprovement is not None,
+            field_path=".threshold",
+        ),
+    )
+
+
+_TASK_METRICS = "['exactMatch', 'tokenF1', 'rougeL', 'bleu']"
+
+
+class EvaluationSpec(ApiModel):
+    """Evaluate the base model before training and the tuned model after it, on the same
+    data, and gate promotion on the result (docs/evaluation.md)."""
+
+    test: TestSplit | None = Field(
+        default=None,
+        description=(
+            "A test set (three-way split). Task metrics are scored on it when set, "
+            "else on the validation set."
+        ),
+    )
+    retention: RetentionData | None = Field(
+        default=None, description="Forgetting check: base vs tuned loss on general data."
+    )
+    metrics: list[TaskMetric] | None = Field(
+        default=None,
+        description=(
+            "Task metrics scored on greedy generations: exactMatch and tokenF1 (SQuAD's "
+            "normalised comparisons), rougeL (ROUGE-L F1), bleu (sacreBLEU, 0..100). "
+            "Default: none (losses only)."
+        ),
+    )
+    maxSamples: int = Field(
+        default=32,
+        ge=1,
+        le=1000,
+        description="Prompts generated from (the first ones of the test or validation set).",
+    )
+    maxNewTokens: int = Field(
+        default=64, ge=1, le=4096, description="Tokens generated per prompt at most."
+    )
+    baseline: bool = Field(
+        default=True,
+        description=(
+            "Also evaluate the base model before training (needed for deltas, "
+            "minImprovement and the retention limit)."
+        ),
+    )
+    gate: EvaluationGate | None = Field(
+        default=None,
+        description=(
+            "Promotion gate: condition EvaluationPassed, and status.promotedArtifact "
+            "only when it passes. A failed gate keeps the artifact."
+        ),
+    )
+
+    rules = (
+        Rule(
+            cel=(
+                f"!has(self.gate) || !(self.gate.metric in {_TASK_METRICS}) || "
+                "(has(self.metrics) && self.gate.metric in self.metrics)"
+            ),
+            message="gate.metric is a task metric: list it in evaluation.metrics too",
+            holds=lambda m: (
+                m.gate is None
+                or m.gate.metric not in ("exactMatch", "tokenF1", "rougeL", "bleu")
+                or m.gate.metric in (m.metrics or [])
+            ),
+            field_path=".metrics",
+        ),
+        Rule(
+            cel="!has(self.gate) || self.gate.metric != 'testLoss' || has(self.test)",
+            message="gate.metric testLoss needs evaluation.test",
+            holds=lambda m: m.gate is None or m.gate.metric != "testLoss" or m.test is not None,
+            field_path=".test",
+        ),
+        Rule(
+            cel="!has(self.gate) || !has(self.gate.maxRetentionLossIncrease) || has(self.retention)",
+            message="gate.maxRetentionLossIncrease needs evaluation.retention",
+            holds=lambda m: (
+                m.gate is None or m.gate.maxRetentionLossIncrease is None or m.retention is not None
+            ),
+            field_path=".retention",
+        ),
+        Rule(
+            cel=(
+                "!has(self.gate) || self.baseline || "
+                "(!has(self.gate.minImprovement) && !has(self.gate.maxRetentionLossIncrease))"
+            ),
+            message=(
+                "gate.minImprovement and gate.maxRetentionLossIncrease compare with the "
+                "base model: keep baseline true"
+            ),
+            holds=lambda m: (
+                m.gate is None
+                or m.baseline
+                or (m.gate.minImprovement is None and m.gate.maxRetentionLossIncrease is None)
+            ),
+            field_path=".baseline",
+        ),
+    )
+
+
 # An object field whose own fields all have defaults: the CRD defaults it to {} so the
 # API server fills in the nested defaults too.
 _EMPTY_DEFAULT: dict[str, Any] = {"json_schema_extra": {"default": {}}}
@@ -685,6 +869,13 @@ class FineTuneJobSpec(ApiModel):
         default_factory=TrackingSpec,
         description="Experiment tracking: MLflow and TensorBoard.",
         **_EMPTY_DEFAULT,
+    )
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description=(
+            "Base vs tuned evaluation (losses, task metrics, forgetting) and a promotion "
+            "gate. Unset: the job reports its eval loss only."
+        ),
     )
     image: str | None = Field(
         default=None, min_length=1, description="Trainer image, overriding the operator's."
@@ -853,6 +1044,45 @@ class AttemptGpuUsage(ApiModel):
     )
 
 
+class MetricComparison(ApiModel):
+    """One metric of the base and the tuned model."""
+
+    name: str = Field(
+        description=(
+            "evalLoss, evalPerplexity, testLoss, testPerplexity, retentionLoss (lower is "
+            "better), exactMatch, tokenF1, rougeL, bleu (higher is better)."
+        )
+    )
+    base: float | None = Field(default=None, description="The base model's value.")
+    tuned: float | None = Field(default=None, description="The tuned model's value.")
+    delta: float | None = Field(default=None, description="tuned - base.")
+
+
+class GateResult(ApiModel):
+    """The promotion gate's verdict."""
+
+    metric: str = Field(description="The metric the gate judges.")
+    passed: bool = Field(description="Whether every condition of the gate held.")
+    message: str = Field(default="", description="Each condition with its numbers.")
+
+
+class EvaluationStatus(ApiModel):
+    """Base vs tuned evaluation (every number and the samples are in the artifact's
+    eval.json and samples.jsonl)."""
+
+    metrics: list[MetricComparison] | None = Field(
+        default=None, description="Each metric: base, tuned and delta."
+    )
+    samples: int | None = Field(
+        default=None, ge=0, description="Prompts generated from for the task metrics."
+    )
+    headline: str | None = Field(
+        default=None,
+        description="The gate's metric (else the first task metric) as base->tuned (delta).",
+    )
+    gate: GateResult | None = Field(default=None, description="The gate's verdict, if set.")
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator observed. Written only by the operator."""
 
@@ -900,6 +1130,17 @@ class FineTuneJobStatus(ApiModel):
             "What the trainer dropped or cut from the data without failing (duplicate "
             "rows, validation examples also in the training data, truncated examples), "
             "from its progress report."
+        ),
+    )
+    evaluation: EvaluationStatus | None = Field(
+        default=None, description="Base vs tuned evaluation and the gate (spec.evaluation)."
+    )
+    promotedArtifact: Artifact | None = Field(
+        default=None,
+        description=(
+            "The artifact, once the job succeeded and its evaluation gate passed (or it "
+            "has no gate): the one field a delivery pipeline keys on. Never set when the "
+            "gate failed; the artifact stays in status.artifact either way."
         ),
     )
     message: str | None = Field(default=None, description="Human-readable summary.")
