@@ -806,7 +806,9 @@ class EvaluationSpec(ApiModel):
             field_path=".test",
         ),
         Rule(
-            cel="!has(self.gate) || !has(self.gate.maxRetentionLossIncrease) || has(self.retention)",
+            cel=(
+                "!has(self.gate) || !has(self.gate.maxRetentionLossIncrease) || has(self.retention)"
+            ),
             message="gate.maxRetentionLossIncrease needs evaluation.retention",
             holds=lambda m: (
                 m.gate is None or m.gate.maxRetentionLossIncrease is None or m.retention is not None
