@@ -21,6 +21,8 @@ from kubetune_trainer.config import (
     MlflowConfig,
     ModelConfig,
     OutputConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
     QuantizationConfig,
     ReportingConfig,
     TrackingConfig,
@@ -28,7 +30,7 @@ from kubetune_trainer.config import (
     TrainingConfig,
 )
 
-from .api.types import FineTuneJob, FineTuneJobSpec, LoraSettings
+from .api.types import FineTuneJob, FineTuneJobSpec, LoraSettings, PrefixSettings, PromptSettings
 
 HUB_TOKEN_ENV = "HF_TOKEN"
 # The MLflow client reads its credentials from these (set from Secrets in the pod).
@@ -77,6 +79,8 @@ def _method(spec: FineTuneJobSpec) -> MethodConfig:
     method = spec.method
     lora = method.lora or LoraSettings()
     quant = method.quantization
+    prefix = method.prefix or PrefixSettings()
+    prompt = method.prompt or PromptSettings()
     return MethodConfig(
         type=method.type,
         r=lora.r,
@@ -90,6 +94,20 @@ def _method(spec: FineTuneJobSpec) -> MethodConfig:
             compute_dtype=quant.computeDtype,
         )
         if quant is not None
+        else None,
+        prefix=PrefixTuningConfig(
+            num_virtual_tokens=prefix.numVirtualTokens,
+            projection=prefix.projection,
+            projection_hidden_size=prefix.projectionHiddenSize,
+        )
+        if method.type == "prefix"
+        else None,
+        prompt=PromptTuningConfig(
+            num_virtual_tokens=prompt.numVirtualTokens,
+            init=prompt.init,
+            init_text=prompt.initText,
+        )
+        if method.type == "prompt"
         else None,
     )
 

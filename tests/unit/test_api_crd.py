@@ -189,7 +189,67 @@ CROSS_FIELD_CASES = [
         },
         "set tokenSecretRef or usernameSecretRef/passwordSecretRef, not both",
     ),
+    *[
+        (
+            {"method": {"type": method}},  # packing defaults to true
+            "dataset.packing must be false for method types prefix and prompt: the "
+            "virtual tokens are prepended once per row, and packed examples would "
+            "attend to each other",
+        )
+        for method in ("prefix", "prompt")
+    ],
+    (
+        {
+            "method": {"type": "prompt"},
+            "dataset": {"sources": ["d.jsonl"], "packing": False},
+            "output": {"uri": "s3://b/out", "mergeAdapter": True},
+        },
+        "output.mergeAdapter must be false for method types prefix and prompt: "
+        "virtual tokens cannot be merged into the base model's weights",
+    ),
+    (
+        {
+            "method": {"type": "prefix"},
+            "dataset": {"sources": ["d.jsonl"], "packing": False},
+            "distributed": {"strategy": "fsdp"},
+        },
+        "prefix and prompt tuning train a few thousand weights, nothing to shard: "
+        "use distributed.strategy ddp or auto",
+    ),
+    (
+        {
+            "method": {"type": "prefix"},
+            "dataset": {"sources": ["d.jsonl"], "packing": False},
+            "training": {"gradientCheckpointing": True},
+        },
+        "training.gradientCheckpointing must be false for method type prefix: "
+        "checkpointed layers drop the key/value prefix",
+    ),
+    (
+        {"method": {"type": "prompt", "lora": {"r": 8}}},
+        "lora settings do not apply to types prefix and prompt",
+    ),
+    ({"method": {"prefix": {}}}, "prefix settings apply only to type prefix"),
+    ({"method": {"type": "prefix", "prompt": {}}}, "prompt settings apply only to type prompt"),
+    (
+        {"method": {"type": "prefix", "prefix": {"projectionHiddenSize": 256}}},
+        "projectionHiddenSize needs projection: true",
+    ),
+    (
+        {"method": {"type": "prompt", "prompt": {"init": "text"}}},
+        "init text needs initText (the words the virtual tokens start from)",
+    ),
+    (
+        {"method": {"type": "prompt", "prompt": {"initText": "Classify"}}},
+        "initText applies only to init: text",
+    ),
+    (
+        {"method": {"type": "prompt", "quantization": {"bits": 4}}},
+        "quantization applies only to type qlora",
+    ),
 ]
+
+_UNPACKED = {"sources": ["d.jsonl"], "packing": False}
 
 
 @pytest.mark.parametrize(
@@ -199,6 +259,20 @@ CROSS_FIELD_CASES = [
         {"method": {"type": "qlora"}, "distributed": {"strategy": "ddp"}},
         {"method": {"type": "full"}, "distributed": {"strategy": "fsdp", "fsdp": {}}},
         {"resources": {"nodes": 4, "gpus": 8}},
+        {"method": {"type": "prefix"}, "dataset": _UNPACKED, "distributed": {"strategy": "ddp"}},
+        {
+            "method": {
+                "type": "prefix",
+                "prefix": {"projection": True, "projectionHiddenSize": 64},
+            },
+            "dataset": _UNPACKED,
+        },
+        {
+            "method": {"type": "prompt", "prompt": {"init": "text", "initText": "Answer:"}},
+            "dataset": _UNPACKED,
+            "training": {"gradientCheckpointing": True},
+            "output": {"uri": "s3://b/out"},
+        },
         {"tracking": {"mlflow": {"trackingUri": "https://m", "tokenSecretRef": _REF}}},
         {
             "tracking": {

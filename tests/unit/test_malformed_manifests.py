@@ -308,6 +308,33 @@ CROSS_FIELD_CASES = [
         job("distributed: {strategy: ddp, fsdp: {cpuOffload: true}}"),
         "spec.distributed.fsdp",
     ),
+    Case("prompt-packed", job("method: {type: prompt}"), "spec.dataset.packing"),
+    Case(
+        "prefix-merged",
+        job(
+            "method: {type: prefix}\noutput: {uri: s3://b/out, mergeAdapter: true}\n"
+            "dataset: {sources: [d], packing: false}"
+        ).replace("  dataset:\n    sources: [s3://bucket/data.jsonl]\n", ""),
+        "spec.output.mergeAdapter",
+    ),
+    Case(
+        "prefix-checkpointing",
+        job(
+            "method: {type: prefix}\ntraining: {gradientCheckpointing: true}\n"
+            "dataset: {sources: [d], packing: false}"
+        ).replace("  dataset:\n    sources: [s3://bucket/data.jsonl]\n", ""),
+        "spec.training.gradientCheckpointing",
+    ),
+    Case(
+        "prompt-text-init-without-text",
+        job("method:\n  type: prompt\n  prompt: {init: text}"),
+        "spec.method.prompt.initText",
+    ),
+    Case(
+        "prefix-settings-on-lora",
+        job("method:\n  prefix: {numVirtualTokens: 8}"),
+        "spec.method.prefix",
+    ),
     Case(
         "username-without-password",
         job(

@@ -13,7 +13,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DatasetFormat = Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "text"]
-Method = Literal["lora", "qlora", "dora", "full"]
+Method = Literal["lora", "qlora", "dora", "full", "prefix", "prompt"]
+# Methods that train virtual tokens instead of changing weights (peft's prompt learning):
+# nothing to merge, one virtual-token block per row (so no packing).
+PROMPT_LEARNING: tuple[Method, ...] = ("prefix", "prompt")
+PromptInit = Literal["random", "text"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
@@ -77,6 +81,40 @@ class QuantizationConfig(_Strict):
     compute_dtype: ComputeDtype = "bfloat16"
 
 
+class PrefixTuningConfig(_Strict):
+    """peft's PrefixTuningConfig: trained key/value vectors prepended in every layer."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    projection: bool = Field(
+        default=False, description="Reparametrize the prefix through a two-layer MLP"
+    )
+    projection_hidden_size: int | None = Field(
+        default=None, ge=1, description="The MLP's hidden size (None: the model's)"
+    )
+
+    @model_validator(mode="after")
+    def _hidden_size_needs_projection(self) -> PrefixTuningConfig:
+        if self.projection_hidden_size is not None and not self.projection:
+            raise ValueError("projection_hidden_size is only used with projection")
+        return self
+
+
+class PromptTuningConfig(_Strict):
+    """peft's PromptTuningConfig: trained input embeddings prepended to every row."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1)
+    init: PromptInit = "random"
+    init_text: str | None = Field(
+        default=None, min_length=1, description="With init text: the words to start from"
+    )
+
+    @model_validator(mode="after")
+    def _text_for_text_init(self) -> PromptTuningConfig:
+        if (self.init == "text") != (self.init_text is not None):
+            raise ValueError("init text needs init_text, and init_text needs init text")
+        return self
+
+
 class MethodConfig(_Strict):
     type: Method = "lora"
     r: int = Field(default=16, ge=1)
@@ -84,12 +122,34 @@ class MethodConfig(_Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # as the API: no dropout
     target_modules: list[str] = ["all-linear"]
     quantization: QuantizationConfig | None = None
+    # Settings of prefix and prompt tuning (None: not that method, or its defaults).
+    prefix: PrefixTuningConfig | None = None
+    prompt: PromptTuningConfig | None = None
 
     @model_validator(mode="after")
     def _quantization_only_for_qlora(self) -> MethodConfig:
         if self.type != "qlora" and self.quantization is not None:
             raise ValueError("quantization is only used by method qlora")
+        if self.type != "prefix" and self.prefix is not None:
+            raise ValueError("prefix settings are only used by method prefix")
+        if self.type != "prompt" and self.prompt is not None:
+            raise ValueError("prompt settings are only used by method prompt")
         return self
+
+    @property
+    def prompt_learning(self) -> bool:
+        """Prefix or prompt tuning: virtual tokens, no weights changed."""
+        return self.type in PROMPT_LEARNING
+
+    @property
+    def effective_prefix(self) -> PrefixTuningConfig | None:
+        """Prefix tuning's settings (its defaults if unset); None for other methods."""
+        return (self.prefix or PrefixTuningConfig()) if self.type == "prefix" else None
+
+    @property
+    def effective_prompt(self) -> PromptTuningConfig | None:
+        """Prompt tuning's settings (its defaults if unset); None for other methods."""
+        return (self.prompt or PromptTuningConfig()) if self.type == "prompt" else None
 
     @property
     def effective_quantization(self) -> QuantizationConfig | None:
@@ -266,6 +326,35 @@ class TrainerConfig(_Strict):
             raise ValueError(
                 "distributed.strategy fsdp cannot shard a 4-bit (qlora) base model; "
                 "use strategy ddp or auto (each rank holds its own 4-bit copy), or method lora"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_learning_combinations(self) -> TrainerConfig:
+        """What prefix and prompt tuning cannot do (the API's rules say the same)."""
+        method = self.method.type
+        if method not in PROMPT_LEARNING:
+            return self
+        if self.dataset.packing:
+            raise ValueError(
+                f"dataset.packing must be false for method {method}: the virtual tokens "
+                "are prepended once per row, and peft drops the position ids that keep "
+                "packed examples apart"
+            )
+        if self.output.merge_adapter:
+            raise ValueError(
+                f"output.merge_adapter must be false for method {method}: virtual tokens "
+                "cannot be merged into the base model's weights"
+            )
+        if self.distributed.strategy == "fsdp":
+            raise ValueError(
+                f"distributed.strategy fsdp does not apply to method {method} (a few "
+                "thousand trained weights): use strategy ddp or auto"
+            )
+        if method == "prefix" and self.training.gradient_checkpointing:
+            raise ValueError(
+                "training.gradient_checkpointing must be false for method prefix: "
+                "checkpointed layers drop the key/value prefix"
             )
         return self
 

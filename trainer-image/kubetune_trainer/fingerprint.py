@@ -46,9 +46,11 @@ class RunIdentity:
         }
         dataset = config.dataset.model_dump(mode="json", exclude={"sources", "validation_sources"})
         settings |= {f"dataset.{key}": value for key, value in dataset.items()}
-        settings |= {
-            f"method.{key}": value for key, value in config.method.model_dump(mode="json").items()
-        }
+        # Prefix and prompt tuning's settings count only when set (always for those
+        # methods), so other methods' fingerprints stay what they were before them.
+        unset = {name for name in ("prefix", "prompt") if getattr(config.method, name) is None}
+        method = config.method.model_dump(mode="json", exclude=unset)
+        settings |= {f"method.{key}": value for key, value in method.items()}
         training = config.training.model_dump(mode="json", exclude=set(NOT_IN_RESULT))
         settings |= {f"training.{key}": value for key, value in training.items()}
         if config.evaluation is not None:  # the published eval.json and gate depend on it

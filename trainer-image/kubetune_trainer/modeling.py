@@ -220,6 +220,8 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method.type == "full":
         return model
+    if method.prompt_learning:
+        return _attach_prompt_learning(model, method, model_dir)
     targets: str | list[str] = (
         "all-linear" if method.target_modules == ["all-linear"] else list(method.target_modules)
     )
@@ -241,3 +243,48 @@ def build_model(
     if gradient_checkpointing:
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def prompt_learning_config(method: MethodConfig, model_dir: Path) -> Any:
+    """peft's PrefixTuningConfig or PromptTuningConfig for method prefix or prompt.
+
+    Prompt tuning's text init reads the base model's tokenizer (in ``model_dir``) to turn
+    the text into the virtual tokens' starting embeddings."""
+    from peft import PrefixTuningConfig, PromptTuningConfig
+
+    prefix = method.effective_prefix
+    if prefix is not None:
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=prefix.num_virtual_tokens,
+            prefix_projection=prefix.projection,
+            encoder_hidden_size=prefix.projection_hidden_size,
+        )
+    prompt = method.effective_prompt
+    if prompt is None:
+        raise ValueError(f"method {method.type} is not prefix or prompt tuning")
+    if prompt.init == "text":
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=prompt.num_virtual_tokens,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=prompt.init_text,
+            tokenizer_name_or_path=str(model_dir),
+        )
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=prompt.num_virtual_tokens,
+        prompt_tuning_init="RANDOM",
+    )
+
+
+def _attach_prompt_learning(model: Any, method: MethodConfig, model_dir: Path) -> Any:
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, prompt_learning_config(method, model_dir))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ModelInvalid(
+            f"cannot attach {method.type} tuning to the model: {error}",
+            hint="use method.type lora (works with every causal language model)",
+        ) from None

@@ -968,6 +968,10 @@ def _save_artifact(
         model.save_pretrained(str(directory))
     else:
         model.peft_config["default"].base_model_name_or_path = base_name
+        if getattr(model.peft_config["default"], "tokenizer_name_or_path", None):
+            # Prompt tuning's text init read the tokenizer from our local copy of the
+            # base: name the base instead (peft reads it again for is_trainable loads).
+            model.peft_config["default"].tokenizer_name_or_path = base_name
         if config.model.revision:
             model.peft_config["default"].revision = config.model.revision
         model.save_pretrained(str(directory))

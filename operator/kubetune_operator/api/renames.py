@@ -174,7 +174,7 @@ _TABLE: tuple[tuple[tuple[str, ...], Rename], ...] = (
     ),
     (
         ("adapter", "peftType", "finetuningType", "finetuning_type"),
-        Rename("method.type", "lora, qlora, dora or full", lambda value: None),
+        Rename("method.type", "lora, qlora, dora, full, prefix or prompt", lambda value: None),
     ),
     (
         ("loadIn4bit", "load_in_4bit"),

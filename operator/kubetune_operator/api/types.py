@@ -18,12 +18,14 @@ from pydantic import AfterValidator, ConfigDict, Field, StringConstraints
 # The enums the trainer also uses are declared once, in the trainer's configuration
 # (importable without torch), and reused here.
 from kubetune_trainer.config import (
+    PROMPT_LEARNING,
     ComputeDtype,
     DatasetFormat,
     DistributedStrategy,
     FsdpSharding,
     GateMetric,
     Precision,
+    PromptInit,
     Scheduler,
     TaskMetric,
 )
@@ -264,6 +266,83 @@ class QuantizationSettings(ApiModel):
     )
 
 
+class PrefixSettings(ApiModel):
+    """Settings of prefix tuning (method type prefix; peft's PrefixTuningConfig)."""
+
+    numVirtualTokens: int = Field(
+        default=20,
+        ge=1,
+        le=1024,
+        description=(
+            "Trained key/value vectors prepended in every attention layer; each example "
+            "attends to them as to this many extra tokens before its own."
+        ),
+    )
+    projection: bool = Field(
+        default=False,
+        description=(
+            "Train the prefix through a two-layer MLP (peft's prefix_projection): many "
+            "more trained weights, often steadier training."
+        ),
+    )
+    projectionHiddenSize: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Hidden size of that MLP (needs projection). Default: the model's.",
+    )
+
+    rules = (
+        Rule(
+            cel="!has(self.projectionHiddenSize) || self.projection",
+            message="projectionHiddenSize needs projection: true",
+            holds=lambda m: m.projectionHiddenSize is None or m.projection,
+            field_path=".projectionHiddenSize",
+        ),
+    )
+
+
+class PromptSettings(ApiModel):
+    """Settings of prompt tuning (method type prompt; peft's PromptTuningConfig)."""
+
+    numVirtualTokens: int = Field(
+        default=20,
+        ge=1,
+        le=1024,
+        description="Trained input embeddings (virtual tokens) prepended to every example.",
+    )
+    init: PromptInit = Field(
+        default="random",
+        description=(
+            "How the virtual tokens start: random, or text (the embeddings of initText's "
+            "tokens, read with the base model's tokenizer, repeated or cut to "
+            "numVirtualTokens). Text init usually trains faster."
+        ),
+    )
+    initText: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description='The words the virtual tokens start from (init: text), e.g. "Classify '
+        'the sentiment of this review".',
+    )
+
+    rules = (
+        Rule(
+            cel="self.init != 'text' || has(self.initText)",
+            message="init text needs initText (the words the virtual tokens start from)",
+            holds=lambda m: m.init != "text" or m.initText is not None,
+            field_path=".initText",
+        ),
+        Rule(
+            cel="!has(self.initText) || self.init == 'text'",
+            message="initText applies only to init: text",
+            holds=lambda m: m.initText is None or m.init == "text",
+            field_path=".init",
+        ),
+    )
+
+
 class MethodSpec(ApiModel):
     """The fine-tuning method."""
 
@@ -271,7 +350,10 @@ class MethodSpec(ApiModel):
         default="lora",
         description=(
             "lora, qlora (LoRA on a 4- or 8-bit quantized base), dora (weight-decomposed "
-            "LoRA) or full (every weight; needs much more memory)."
+            "LoRA), full (every weight; needs much more memory), prefix (prefix tuning: "
+            "trained key/value vectors in every layer) or prompt (prompt tuning: trained "
+            "input embeddings). prefix and prompt train a few thousand weights and need "
+            "dataset.packing: false; their adapters cannot be merged (output.mergeAdapter)."
         ),
     )
     lora: LoraSettings | None = Field(
@@ -279,6 +361,12 @@ class MethodSpec(ApiModel):
     )
     quantization: QuantizationSettings | None = Field(
         default=None, description="Quantization (qlora only). Defaults to 4-bit NF4."
+    )
+    prefix: PrefixSettings | None = Field(
+        default=None, description="Prefix tuning settings (type prefix). Defaults apply if unset."
+    )
+    prompt: PromptSettings | None = Field(
+        default=None, description="Prompt tuning settings (type prompt). Defaults apply if unset."
     )
 
     rules = (
@@ -293,6 +381,24 @@ class MethodSpec(ApiModel):
             message="lora settings do not apply to type full",
             holds=lambda m: m.type != "full" or m.lora is None,
             field_path=".lora",
+        ),
+        Rule(
+            cel="!(self.type in ['prefix', 'prompt']) || !has(self.lora)",
+            message="lora settings do not apply to types prefix and prompt",
+            holds=lambda m: m.type not in PROMPT_LEARNING or m.lora is None,
+            field_path=".lora",
+        ),
+        Rule(
+            cel="self.type == 'prefix' || !has(self.prefix)",
+            message="prefix settings apply only to type prefix",
+            holds=lambda m: m.type == "prefix" or m.prefix is None,
+            field_path=".prefix",
+        ),
+        Rule(
+            cel="self.type == 'prompt' || !has(self.prompt)",
+            message="prompt settings apply only to type prompt",
+            holds=lambda m: m.type == "prompt" or m.prompt is None,
+            field_path=".prompt",
         ),
     )
 
@@ -845,7 +951,9 @@ class FineTuneJobSpec(ApiModel):
     model: ModelSource = Field(description="The base model.")
     dataset: DatasetSpec = Field(description="The training data.")
     method: MethodSpec = Field(
-        default_factory=MethodSpec, description="LoRA, QLoRA, DoRA or full.", **_EMPTY_DEFAULT
+        default_factory=MethodSpec,
+        description="LoRA, QLoRA, DoRA, full, prefix or prompt tuning.",
+        **_EMPTY_DEFAULT,
     )
     training: TrainingSpec = Field(
         default_factory=TrainingSpec, description="Training loop settings.", **_EMPTY_DEFAULT
@@ -924,6 +1032,52 @@ class FineTuneJobSpec(ApiModel):
             ),
             holds=lambda m: m.distributed.processesPerNode is None or m.resources.gpus == 0,
             field_path=".distributed.processesPerNode",
+        ),
+        # Prefix and prompt tuning (peft's prompt learning), as verified with peft 0.21:
+        Rule(
+            cel="!(self.method.type in ['prefix', 'prompt']) || !self.dataset.packing",
+            message=(
+                "dataset.packing must be false for method types prefix and prompt: the "
+                "virtual tokens are prepended once per row, and packed examples would "
+                "attend to each other"
+            ),
+            holds=lambda m: m.method.type not in PROMPT_LEARNING or not m.dataset.packing,
+            field_path=".dataset.packing",
+        ),
+        Rule(
+            cel="!(self.method.type in ['prefix', 'prompt']) || !has(self.output) || "
+            "!self.output.mergeAdapter",
+            message=(
+                "output.mergeAdapter must be false for method types prefix and prompt: "
+                "virtual tokens cannot be merged into the base model's weights"
+            ),
+            holds=lambda m: (
+                m.method.type not in PROMPT_LEARNING
+                or m.output is None
+                or not m.output.mergeAdapter
+            ),
+            field_path=".output.mergeAdapter",
+        ),
+        Rule(
+            cel="!(self.method.type in ['prefix', 'prompt']) || "
+            "self.distributed.strategy != 'fsdp'",
+            message=(
+                "prefix and prompt tuning train a few thousand weights, nothing to shard: "
+                "use distributed.strategy ddp or auto"
+            ),
+            holds=lambda m: (
+                m.method.type not in PROMPT_LEARNING or m.distributed.strategy != "fsdp"
+            ),
+            field_path=".distributed.strategy",
+        ),
+        Rule(
+            cel="self.method.type != 'prefix' || !self.training.gradientCheckpointing",
+            message=(
+                "training.gradientCheckpointing must be false for method type prefix: "
+                "checkpointed layers drop the key/value prefix"
+            ),
+            holds=lambda m: m.method.type != "prefix" or not m.training.gradientCheckpointing,
+            field_path=".training.gradientCheckpointing",
         ),
     )
 
