@@ -356,6 +356,8 @@ def mean_loss(
             labels[i, :n] = torch.tensor(row["labels"])
             mask[i, :n] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # Prompt tuning's model returns logits for its virtual tokens first: drop them.
+        logits = logits[:, -width:, :]
         shifted = logits[:, :-1, :].float()
         target = labels[:, 1:].to(device)
         loss = torch.nn.functional.cross_entropy(
