@@ -96,7 +96,7 @@ def task_scores(
     if "tokenF1" in metrics:
         scores["tokenF1"] = sum(token_f1(p, r) for p, r in pairs) / len(pairs)
     if "rougeL" in metrics:
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # type: ignore[import-untyped]
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         total = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs)
@@ -134,7 +134,7 @@ def improvement(metric: str, numbers: dict[str, Any]) -> float | None:
     delta = numbers.get("delta")
     if delta is None:
         return None
-    return -delta if metric in LOWER_IS_BETTER else delta
+    return float(-delta if metric in LOWER_IS_BETTER else delta)
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def evaluate_gate(gate: GateConfig, results: dict[str, dict[str, Any]]) -> GateO
         else:
             ok = better >= gate.min_improvement
             line = (
-                f"{gate.metric} {_fmt(numbers['base'])} -> {_fmt(tuned)}: "
+                f"{gate.metric} {_fmt(float(numbers['base']))} -> {_fmt(float(numbers['tuned']))}: "
                 f"{way} {_fmt(better)} >= {gate.min_improvement:g}"
             )
         failed |= not ok
@@ -205,7 +205,7 @@ def evaluate_gate(gate: GateConfig, results: dict[str, dict[str, Any]]) -> GateO
 def headline(results: dict[str, dict[str, Any]], gate: GateConfig | None) -> str:
     """One short line for ``kubectl get -o wide``: the gate's metric (else the first task
     metric, else the first loss) base → tuned (delta)."""
-    preferred = [gate.metric] if gate is not None else []
+    preferred: list[str] = [gate.metric] if gate is not None else []
     preferred += [m for m in ORDER if m not in LOWER_IS_BETTER] + list(ORDER)
     for name in preferred:
         numbers = results.get(name)

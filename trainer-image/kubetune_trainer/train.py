@@ -1180,7 +1180,8 @@ def _load_saved(artifact_dir: Path, model_dir: Path, config: TrainerConfig) -> A
 
     device = "cuda" if _cuda() else "cpu"
     if config.method.type == "full":
-        return AutoModelForCausalLM.from_pretrained(str(artifact_dir)).to(device)
+        tuned: Any = AutoModelForCausalLM.from_pretrained(str(artifact_dir))
+        return tuned.to(device)
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir))
