@@ -656,7 +656,7 @@ class DistributedSpec(ApiModel):
     strategy: DistributedStrategy = Field(
         default="auto",
         description=(
-            "auto: DDP (each rank holds the whole model) for lora, qlora and dora, FSDP for "
+            "auto: DDP (each rank holds the whole model) for every method but full, FSDP for "
             "full when the world size is above 1; ddp; fsdp (shards the model across ranks). "
             "A world size of 1 always runs a single process."
         ),
