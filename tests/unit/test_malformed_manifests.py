@@ -251,6 +251,16 @@ UNKNOWN_CASES = [
     Case("sequence-len", job("sequence_len: 512"), "spec.dataset.maxSeqLength"),
     Case("base-model", job("base_model: meta-llama/Llama-3"), "spec.model.source"),
     Case("load-in-4bit", job("method:\n  load_in_4bit: true"), "type: qlora"),
+    Case(
+        "peft-num-virtual-tokens",
+        job("method:\n  type: prompt\n  num_virtual_tokens: 8"),
+        "spec.method.prompt.numVirtualTokens",
+    ),
+    Case(
+        "peft-init-text",
+        job("method:\n  type: prompt\n  prompt_tuning_init_text: Classify"),
+        "initText: Classify",
+    ),
     Case("bf16", job("training:\n  bf16: true"), "precision: bf16"),
     Case("output-dir", job("output_dir: /out"), "spec.output.uri"),
     Case("num-gpus", job("resources:\n  num_gpus: 8"), "spec.resources.gpus"),

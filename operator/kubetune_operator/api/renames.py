@@ -177,6 +177,22 @@ _TABLE: tuple[tuple[tuple[str, ...], Rename], ...] = (
         Rename("method.type", "lora, qlora, dora, full, prefix or prompt", lambda value: None),
     ),
     (
+        ("prompt_tuning_init_text", "promptTuningInitText", "init_text"),
+        Rename("method.prompt.initText", "the words, with init: text", str),
+    ),
+    (
+        ("prompt_tuning_init", "promptTuningInit"),
+        Rename("method.prompt.init", "random or text", lambda value: None),
+    ),
+    (
+        ("prefix_projection", "prefixProjection"),
+        Rename("method.prefix.projection", "true or false", _when_true("true")),
+    ),
+    (
+        ("encoder_hidden_size", "encoderHiddenSize"),
+        Rename("method.prefix.projectionHiddenSize", "the MLP's hidden size, with projection"),
+    ),
+    (
         ("loadIn4bit", "load_in_4bit"),
         Rename("method.type", "qlora (4-bit by default)", _when_true("qlora")),
     ),
