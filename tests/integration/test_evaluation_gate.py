@@ -109,3 +109,30 @@ def test_an_untrainable_run_fails_the_gate_and_keeps_its_artifact(
     assert report["examples"]["retention"] == 2
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert manifest["evaluation"]["gate"]["passed"] is False
+
+
+def test_evaluation_leaves_training_unchanged(
+    tiny_model: Path, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """Evaluation only reads the model and the data: without a test split it takes no
+    training example and changes no weight, so the adapter comes out byte for byte the
+    same (LoRA dropout on: the steps' random draws must line up too). The Trainer reseeds
+    and sets train mode itself, so random draws or eval mode before it cannot leak in."""
+    weights = {}
+    for name, evaluation in (
+        ("plain", None),
+        ("evaluated", {"metrics": ["exactMatch"], "max_samples": 4, "max_new_tokens": 4}),
+    ):
+        sections: dict = {
+            "method": {"dropout": 0.1},
+            "training": {"max_steps": 4},
+            "dataset": {"validation_ratio": 0.05},
+        }
+        if evaluation is not None:
+            sections["evaluation"] = evaluation
+        config = tiny_config(tiny_model, tiny_dataset, str(tmp_path / name), **sections)
+        assert execute(config) == ExitCode.OK
+        manifest = json.loads((tmp_path / name / "adapter" / "manifest.json").read_text())
+        weights[name] = manifest["files"]["adapter_model.safetensors"]["sha256"]
+        assert ("eval.json" in manifest["files"]) is (evaluation is not None)
+    assert weights["plain"] == weights["evaluated"]
