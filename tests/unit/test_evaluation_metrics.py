@@ -139,3 +139,38 @@ def test_trainer_metrics_carry_the_evaluation() -> None:
     assert 'kubetune_trainer_evaluation{metric="exactMatch",model="tuned"} 0.6' in text
     assert 'kubetune_trainer_evaluation{metric="evalLoss",model="base"} 2.0' in text
     assert 'kubetune_trainer_evaluation_gate_passed{metric="exactMatch"} 1.0' in text
+
+
+def _rows(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text(
+        "".join(json.dumps({"instruction": i, "input": "", "output": o}) + "\n" for i, o in rows)
+    )
+    return path
+
+
+def test_test_split_is_leak_free(tmp_path: Path) -> None:
+    from kubetune_trainer.config import DatasetConfig, EvaluationConfig
+    from kubetune_trainer.data import prepare
+    from kubetune_trainer.evaluation import load_retention, load_test, split_test
+
+    train_file = _rows(tmp_path / "train.jsonl", [(f"q{i}", f"a{i}") for i in range(40)])
+    dataset = DatasetConfig(sources=[str(train_file)], format="alpaca", validation_ratio=0.1)
+    prepared = prepare([train_file], dataset, seed=1)
+    # A percentage comes out of the training examples: disjoint, deterministic.
+    train, test = split_test(prepared.train, 0.1, seed=1)
+    assert len(test) == 4 and len(train) == len(prepared.train) - 4
+    assert not set(test) & set(train) and not set(test) & set(prepared.validation)
+    assert split_test(prepared.train, 0.1, seed=1) == (train, test)
+    assert split_test(prepared.train, 0.0, seed=1) == (prepared.train, [])
+    # Test files lose what training or validation already hold (and their duplicates).
+    test_file = _rows(tmp_path / "test.jsonl", [("q0", "a0"), ("new", "x"), ("new", "x")])
+    test, records, leaked = load_test([test_file], dataset, prepared.train, prepared.validation)
+    assert [example.messages[-1][1] for example in test] == ["x"]
+    assert leaked == 1 and records[0]["split"] == "test"
+    # Retention data: any format, detected per file.
+    general = tmp_path / "general.jsonl"
+    general.write_text(json.dumps({"text": "plain text the base model knows"}) + "\n")
+    retention, records = load_retention([general], dataset)
+    assert [example.text for example in retention] == ["plain text the base model knows"]
+    assert records[0]["format"] == "text"
+    assert EvaluationConfig().metrics == []  # losses only unless asked
