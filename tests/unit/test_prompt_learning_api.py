@@ -180,6 +180,10 @@ def test_the_peft_configs(tmp_path: Path) -> None:
     )
     assert prefix.peft_type == PeftType.PREFIX_TUNING and prefix.task_type == "CAUSAL_LM"
     assert (prefix.num_virtual_tokens, prefix.prefix_projection) == (7, True)
+    assert prefix.encoder_hidden_size is None  # peft then takes the model's hidden size
+    settings = {"projection": True, "projection_hidden_size": 32}
+    sized = prompt_learning_config(MethodConfig(type="prefix", prefix=settings), tmp_path)
+    assert sized.encoder_hidden_size == 32
     prompt = prompt_learning_config(
         MethodConfig(type="prompt", prompt={"init": "text", "init_text": "Summarize"}), tmp_path
     )

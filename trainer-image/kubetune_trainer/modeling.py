@@ -254,12 +254,14 @@ def prompt_learning_config(method: MethodConfig, model_dir: Path) -> Any:
 
     prefix = method.effective_prefix
     if prefix is not None:
-        return PrefixTuningConfig(
+        config = PrefixTuningConfig(
             task_type="CAUSAL_LM",
             num_virtual_tokens=prefix.num_virtual_tokens,
             prefix_projection=prefix.projection,
-            encoder_hidden_size=prefix.projection_hidden_size,
         )
+        if prefix.projection_hidden_size is not None:  # unset: the model's hidden size
+            config.encoder_hidden_size = prefix.projection_hidden_size
+        return config
     prompt = method.effective_prompt
     if prompt is None:
         raise ValueError(f"method {method.type} is not prefix or prompt tuning")
