@@ -75,7 +75,7 @@ def test_full_fine_tuning_moves_exact_match_and_passes_the_gate(
 
 
 def test_an_untrainable_run_fails_the_gate_and_keeps_its_artifact(
-    tiny_model: Path, quickstart: Path, tmp_path: Path
+    tiny_model: Path, quickstart: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     general = tmp_path / "general.jsonl"
     general.write_text(
@@ -98,6 +98,9 @@ def test_an_untrainable_run_fails_the_gate_and_keeps_its_artifact(
         }
     )
     assert execute(config) == ExitCode.OK  # a failed gate is not a failed job
+    summary = capsys.readouterr().out
+    assert "  evaluation   exactMatch 0->0 (+0) on 16 samples" in summary
+    assert "  gate         gate failed: FAILED: exactMatch 0 >= 0.25" in summary
     report, _, manifest = _read(tmp_path / "out" / "model")
     assert report["metrics"]["exactMatch"]["tuned"] == 0.0
     assert report["gate"]["passed"] is False

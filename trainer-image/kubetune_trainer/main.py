@@ -223,6 +223,13 @@ def _print_summary(outcome: Any, seconds: float, state: ProgressState | None = N
             lines.append(f"  eval loss    {final:.4f} (perplexity {metrics['perplexity']:.2f})")
     if "tokens_per_second" in metrics:
         lines.append(f"  throughput   {metrics['tokens_per_second']:.0f} non-pad tokens/s")
+    evaluation = getattr(outcome, "evaluation", None) or {}
+    if evaluation.get("headline"):  # base vs tuned; eval.json in the artifact has it all
+        lines.append(
+            f"  evaluation   {evaluation['headline']} on {evaluation.get('samples', 0)} samples"
+        )
+    if evaluation.get("gate"):
+        lines.append(f"  gate         {evaluation['gate'].get('message', '')}")
     lines.append(f"  {outcome.kind:<13}{outcome.artifact.uri}")  # adapter, or model (full)
     lines.append(f"  digest       {outcome.artifact.digest}")
     print("\n".join(lines))
