@@ -211,15 +211,6 @@ CROSS_FIELD_CASES = [
         {
             "method": {"type": "prefix"},
             "dataset": {"sources": ["d.jsonl"], "packing": False},
-            "distributed": {"strategy": "fsdp"},
-        },
-        "prefix and prompt tuning train a few thousand weights, nothing to shard: "
-        "use distributed.strategy ddp or auto",
-    ),
-    (
-        {
-            "method": {"type": "prefix"},
-            "dataset": {"sources": ["d.jsonl"], "packing": False},
             "training": {"gradientCheckpointing": True},
         },
         "training.gradientCheckpointing must be false for method type prefix: "
@@ -260,6 +251,8 @@ _UNPACKED = {"sources": ["d.jsonl"], "packing": False}
         {"method": {"type": "full"}, "distributed": {"strategy": "fsdp", "fsdp": {}}},
         {"resources": {"nodes": 4, "gpus": 8}},
         {"method": {"type": "prefix"}, "dataset": _UNPACKED, "distributed": {"strategy": "ddp"}},
+        # FSDP shards the frozen base (seen training and saving on 2 gloo ranks, peft 0.21)
+        {"method": {"type": "prompt"}, "dataset": _UNPACKED, "distributed": {"strategy": "fsdp"}},
         {
             "method": {
                 "type": "prefix",

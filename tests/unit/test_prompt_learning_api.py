@@ -68,10 +68,6 @@ def test_other_methods_carry_no_prompt_learning_settings() -> None:
             "output.mergeAdapter",
         ),
         (
-            {"method": {"type": "prompt"}, "distributed": {"strategy": "fsdp"}},
-            "distributed.strategy",
-        ),
-        (
             {"method": {"type": "prefix"}, "training": {"gradientCheckpointing": True}},
             "training.gradientCheckpointing",
         ),
@@ -98,14 +94,6 @@ def test_validate_names_the_field_to_change(spec: dict[str, Any], field: str) ->
                 "output": {"merge_adapter": True},
             },
             "output.merge_adapter",
-        ),
-        (
-            {
-                "method": {"type": "prefix"},
-                "dataset": {"packing": False},
-                "distributed": {"strategy": "fsdp"},
-            },
-            "distributed.strategy",
         ),
         (
             {

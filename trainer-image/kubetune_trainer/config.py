@@ -346,11 +346,6 @@ class TrainerConfig(_Strict):
                 f"output.merge_adapter must be false for method {method}: virtual tokens "
                 "cannot be merged into the base model's weights"
             )
-        if self.distributed.strategy == "fsdp":
-            raise ValueError(
-                f"distributed.strategy fsdp does not apply to method {method} (a few "
-                "thousand trained weights): use strategy ddp or auto"
-            )
         if method == "prefix" and self.training.gradient_checkpointing:
             raise ValueError(
                 "training.gradient_checkpointing must be false for method prefix: "

@@ -1059,18 +1059,6 @@ class FineTuneJobSpec(ApiModel):
             field_path=".output.mergeAdapter",
         ),
         Rule(
-            cel="!(self.method.type in ['prefix', 'prompt']) || "
-            "self.distributed.strategy != 'fsdp'",
-            message=(
-                "prefix and prompt tuning train a few thousand weights, nothing to shard: "
-                "use distributed.strategy ddp or auto"
-            ),
-            holds=lambda m: (
-                m.method.type not in PROMPT_LEARNING or m.distributed.strategy != "fsdp"
-            ),
-            field_path=".distributed.strategy",
-        ),
-        Rule(
             cel="self.method.type != 'prefix' || !self.training.gradientCheckpointing",
             message=(
                 "training.gradientCheckpointing must be false for method type prefix: "
