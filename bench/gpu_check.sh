@@ -11,6 +11,8 @@
 #   2. each fast path's share: kubetune alone with one path turned off at a time
 #      (KUBETUNE_DISABLE_FAST_PATHS), then with all of them off;
 #   3. QLoRA (4-bit NF4) vs LoRA peak GPU memory during training, same batch;
+#   3b. kubetune plan's memory estimate vs the measured peak (max reserved + CUDA context)
+#       for LoRA and QLoRA, with and without gradient checkpointing (docs/plan.md);
 #   4. a summary: speed-up, MFU = 4·N·tokens/s / peak bf16 FLOP/s (N = all parameters;
 #      4N FLOPs per token for LoRA: forward 2N, input gradients 2N, no weight gradients),
 #      and the QLoRA/LoRA memory ratio. Targets (issue 12): ≥ 2.5× the baseline, MFU ≥ 40 %,
@@ -61,6 +63,10 @@ done
 echo "== 3. QLoRA vs LoRA peak memory, same batch (≤ 2 × 90 s)"
 worker mem-lora --set training.max_steps=10
 worker mem-qlora --set training.max_steps=10 --set method.type=qlora
+
+echo "== 3b. memory estimate vs measured peak (bench/memory_estimate.py; 0.6B bf16, LoRA/QLoRA)"
+"$PY" bench/memory_estimate.py --device cuda --json "$OUT/memory_estimate.json" \
+  | tee "$OUT/memory_estimate.txt" || echo "memory estimate check failed" | tee -a "$OUT/memory_estimate.txt"
 
 echo "== 4. summary"
 "$PY" - "$OUT" <<'PY' | tee "$OUT/summary.txt"
