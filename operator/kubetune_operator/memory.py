@@ -300,8 +300,12 @@ def estimate(
         notes.append(f"base: {'bf16/fp16' if a == 2 else 'fp32'} weights")
 
     # --- trainable state
-    adapted = _adapted(arch, list(method.target_modules)) if method.type != "full" else {}
-    if method.type == "full":
+    lora_like = method.type in ("lora", "qlora", "dora")
+    adapted = _adapted(arch, list(method.target_modules)) if lora_like else {}
+    if method.type not in ("lora", "qlora", "dora", "full"):
+        trainable, trainable_weights, state = 0, 0.0, 0.0  # prefix/prompt: a few thousand
+        notes.append(f"{method.type} tuning: its few trained weights are not counted")
+    elif method.type == "full":
         trainable = arch.params
         per_param = a + a + 8 if a == 2 else 16  # weights and grads in dtype, AdamW 2 × fp32
         trainable_weights = 0.0  # already in the base weights

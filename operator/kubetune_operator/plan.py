@@ -179,15 +179,28 @@ def _percentile(sorted_values: list[int], share: float) -> int:
     return sorted_values[index]
 
 
-def data_report(config: TrainerConfig, tokenizer_dir: Path | None, world_size: int) -> DataReport:
-    """The data report for ``config``'s (local) dataset; token figures need a tokenizer."""
+def data_report(
+    config: TrainerConfig, tokenizer_dir: Path | None, world_size: int, scratch: Path
+) -> DataReport:
+    """The data report for ``config``'s dataset (s3:// files are downloaded into
+    ``scratch``, with the output's endpoint, as the trainer does); token figures need a
+    tokenizer."""
     from kubetune_trainer import data as data_stage
     from kubetune_trainer.errors import DatasetInvalid
+    from kubetune_trainer.storage import fetch_to_local
+
+    def local(sources: list[str]) -> list[Path]:
+        return [
+            fetch_to_local(s, scratch / "data", endpoint_url=config.output.endpoint_url)
+            if s.startswith("s3://")
+            else Path(s.removeprefix("file://"))
+            for s in sources
+        ]
 
     report = DataReport()
     dataset = config.dataset
-    train_paths = [Path(s.removeprefix("file://")) for s in dataset.sources]
-    validation_paths = [Path(s.removeprefix("file://")) for s in dataset.validation_sources]
+    train_paths = local(dataset.sources)
+    validation_paths = local(dataset.validation_sources)
     problems = data_stage.Problems()
     _, records = data_stage.load_files(train_paths, dataset, "train", problems)
     if validation_paths:
@@ -317,7 +330,9 @@ def run_plan(
         out["architecture"] = json.loads(arch.to_json())
         if with_data:
             has_tokenizer = any((model_dir / name).is_file() for name in TOKENIZER_FILES)
-            report = data_report(config, model_dir if has_tokenizer else None, job.spec.world_size)
+            report = data_report(
+                config, model_dir if has_tokenizer else None, job.spec.world_size, folder
+            )
             out["data"] = {
                 "files": report.files,
                 "problems": report.problems,

@@ -20,10 +20,14 @@ def test_a_job_too_big_for_its_gpus_is_refused_before_any_pod(cluster: Cluster) 
     # 1 MiB per GPU holds not even the CUDA context the estimate counts
     job = cluster.tiny_job("too-big", resources={"gpus": 1, "gpuMemory": "1Mi"})
     code, report, _ = run_plan(
-        parse_manifest(job), trainer_config(parse_manifest(job)), gpu_memory=None, with_data=False
+        parse_manifest(job), trainer_config(parse_manifest(job)), gpu_memory=None, with_data=True
     )
     assert code == 1 and report["verdict"]["result"] == "does not fit"
     assert report["architecture"]["hiddenSize"] == 128  # read from s3://.../config.json
+    # the data report, from the S3 dataset with the S3 model's tokenizer
+    assert report["data"]["problems"] == []
+    assert report["data"]["stats"]["train_examples"] > 300
+    assert report["data"]["stats"]["max_tokens"] > 0
     annotation = json.dumps(report["architecture"], sort_keys=True, separators=(",", ":"))
     job["metadata"]["annotations"] = {ARCHITECTURE_ANNOTATION: annotation}
     cluster.apply(job)
