@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from kubetune_trainer.lossplot import ema, write_loss_plot
 from kubetune_trainer.main import _print_summary
@@ -129,3 +131,29 @@ def test_summary_says_what_improved(capsys: pytest.CaptureFixture[str]) -> None:
     assert "train loss   7.3500 → 0.9000 (-88%) (first step → last)" in out
     assert "eval loss    1.2600 (perplexity 3.52)" in out
     assert "  adapter      file:///out/adapter" in out
+
+
+@pytest.mark.parametrize(
+    "example",
+    [
+        "examples/tiny-local.yaml",
+        "examples/tiny-evaluation.yaml",
+        "examples/tiny-prompt-tuning.yaml",
+        "examples/sweeps/tiny-local.yaml",
+    ],
+)
+def test_local_examples_point_where_the_readme_builds_the_tiny_model(example: str) -> None:
+    """The README builds the tiny model and data under ``.kubetune/`` at the repository's
+    root and then runs these examples; their relative paths start at the example's own
+    directory, so they must reach back to the root (a path written against the current
+    directory made the README's main command fail)."""
+    from kubetune_operator.manifests import resolve_local_paths
+
+    root = Path(__file__).resolve().parents[2]
+    path = root / example
+    body = yaml.safe_load(path.read_text())
+    spec = body["spec"]["template"] if body["kind"] == "FineTuneSweep" else body["spec"]
+    resolved, _ = resolve_local_paths(spec, path.parent)
+    assert Path(os.path.normpath(resolved["model"]["source"])) == root / ".kubetune" / "tiny-model"
+    for source in resolved["dataset"]["sources"]:
+        assert Path(os.path.normpath(source)).parent == root / ".kubetune" / "tiny-data"
