@@ -401,6 +401,18 @@ def _print_sweep_table(body: dict[str, Any], trials: list[dict[str, Any]], metri
         print(f"best so far: {best}")
 
 
+def _gpu_products(text: str | None) -> dict[str, str]:
+    """--gpu-memory-by-product's JSON object: GPU product → memory quantity."""
+    from .memory import parse_quantity
+
+    table = json.loads(text) if text else {}
+    if not isinstance(table, dict):
+        raise ValueError('must be a JSON object such as {"NVIDIA-H100-80GB-HBM3": "80Gi"}')
+    for memory in table.values():
+        parse_quantity(memory if isinstance(memory, int) else str(memory))
+    return {str(product): str(memory) for product, memory in table.items()}
+
+
 def _cmd_operator(args: argparse.Namespace) -> int:
     from .handlers import OperatorConfig
     from .runner import Operator, OperatorOptions
@@ -418,6 +430,11 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    try:
+        gpu_products = _gpu_products(args.gpu_memory_by_product)
+    except ValueError as error:
+        print(f"error: --gpu-memory-by-product: {error}", file=sys.stderr)
+        return 2
     options = OperatorOptions(
         config=OperatorConfig(
             image=args.image,
@@ -428,6 +445,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             network_policy=network_policy,
             model_cache_claim=args.model_cache_claim or None,
             trainer_uid=args.trainer_uid,
+            gpu_products=gpu_products,
         ),
         kubeconfig=args.kubeconfig,
         namespaces=args.namespace or [],
@@ -579,6 +597,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the UID (also group and fsGroup) trainer pods run as (default: {TRAINER_UID}, "
         "the trainer image's user); platform: set none and let the platform assign one, "
         "as OpenShift's restricted SCC requires",
+    )
+    operator.add_argument(
+        "--gpu-memory-by-product",
+        metavar="JSON",
+        help="memory per GPU by the nodes' nvidia.com/gpu.product label, e.g. "
+        '{"NVIDIA-H100-80GB-HBM3": "80Gi"}: a job whose nodeSelector names such a product '
+        "is checked against it (as with spec.resources.gpuMemory) before its pods start",
     )
     operator.set_defaults(run=_cmd_operator)
     return parser

@@ -34,7 +34,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -89,6 +89,10 @@ class OperatorConfig:
     model_cache_claim: str | None = None
     # The trainer pods' UID (and group, fsGroup); None: the platform assigns one (OpenShift).
     trainer_uid: int | None = TRAINER_UID
+    # GPU product (node label nvidia.com/gpu.product) → memory per GPU, such as
+    # {"NVIDIA-H100-80GB-HBM3": "80Gi"} (the chart's gpuProducts): jobs selecting such
+    # nodes get the memory check without spec.resources.gpuMemory (memory.py).
+    gpu_products: dict[str, str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -160,6 +164,7 @@ class Reconciler:
                 policies=policies,
                 slots=slots,
                 ttl_seconds_after_finished=self.config.ttl_seconds_after_finished,
+                gpu_products=self.config.gpu_products,
             )
             claim = model_cache_claim(policies) or self.config.model_cache_claim
             if decision.create_job is not None and claim:

@@ -52,6 +52,10 @@ from kubetune_trainer.config import TrainerConfig
 from .translate import trainer_config
 
 ARCHITECTURE_ANNOTATION = "kubetune.io/model-architecture"
+# The node label NVIDIA's GPU feature discovery sets (e.g. NVIDIA-H100-80GB-HBM3): a job
+# whose nodeSelector names a product the operator's --gpu-memory-by-product (the chart's
+# gpuProducts) maps to memory is checked against that memory.
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 INSUFFICIENT_GPU_MEMORY = "InsufficientGpuMemory"
 
 GIB = 1024**3
@@ -443,7 +447,19 @@ def verdict(estimate_: Estimate, available: int) -> tuple[str, str]:
     return "fits", f"needs about {gib(need)} per GPU of {gib(available)}"
 
 
-def memory_refusal(job: Any, annotations: Mapping[str, str] | None) -> str | None:
+def gpu_memory_of(spec: Any, gpu_products: Mapping[str, str] | None = None) -> str | None:
+    """The memory of each of the job's GPUs: spec.resources.gpuMemory, else what the
+    platform's product table says of the product its nodeSelector names."""
+    declared = spec.resources.gpuMemory
+    if declared is not None:
+        return str(declared)
+    product = (spec.resources.nodeSelector or {}).get(GPU_PRODUCT_LABEL)
+    return (gpu_products or {}).get(product) if product else None
+
+
+def memory_refusal(
+    job: Any, annotations: Mapping[str, str] | None, gpu_products: Mapping[str, str] | None = None
+) -> str | None:
     """The operator's check: why the job cannot fit its GPUs, or None.
 
     The estimate needs both the GPU memory (spec.resources.gpuMemory) and the model's
@@ -451,7 +467,7 @@ def memory_refusal(job: Any, annotations: Mapping[str, str] | None) -> str | Non
     --annotate`` writes; the operator cannot read the model itself). Without either,
     nothing is checked. A malformed annotation raises ValueError."""
     spec = job.spec
-    declared = getattr(spec.resources, "gpuMemory", None)
+    declared = gpu_memory_of(spec, gpu_products)
     text = (annotations or {}).get(ARCHITECTURE_ANNOTATION)
     if declared is None or text is None or spec.resources.gpus == 0:
         return None
@@ -462,10 +478,16 @@ def memory_refusal(job: Any, annotations: Mapping[str, str] | None) -> str | Non
     kind, sentence = verdict(result, available)
     if kind != "does not fit":
         return None
+    source = (
+        f"spec.resources.gpuMemory {declared}"
+        if spec.resources.gpuMemory is not None
+        else f"{declared} for nodeSelector {GPU_PRODUCT_LABEL}="
+        f"{spec.resources.nodeSelector[GPU_PRODUCT_LABEL]} in the operator's GPU table"
+    )
     biggest = sorted(result.parts.items(), key=lambda item: -item[1])[:3]
     parts = ", ".join(f"{name} {gib(value)}" for name, value in biggest)
     return (
-        f"the job {sentence} (spec.resources.gpuMemory {declared}); largest parts: {parts}. "
+        f"the job {sentence} ({source}); largest parts: {parts}. "
         f"To fit, try: {'; '.join(advice(arch, config, spec))}. "
         "`kubetune plan -f` shows the whole estimate"
     )

@@ -394,6 +394,7 @@ class _Builder:
         self.policies: tuple[FineTunePolicy, ...] = ()
         self.slots: Slots | None = None
         self.ttl_default: int | None = None  # seconds after finishing; None: never
+        self.gpu_products: dict[str, str] = {}
 
     def condition(self, type_: str, status: bool | str, reason: str, message: str = "") -> None:
         self.conditions = c.set_condition(
@@ -452,6 +453,7 @@ def reconcile(
     policies: Sequence[FineTunePolicy] = (),
     slots: Slots | None = None,
     ttl_seconds_after_finished: int | None = None,
+    gpu_products: Mapping[str, str] | None = None,
 ) -> Decision:
     """The next step for the FineTuneJob ``body``, given its attempt ``jobs``, their
     ``pods`` and Kueue's ``workloads`` for them (if read), its namespace's FineTunePolicies
@@ -461,6 +463,7 @@ def reconcile(
     b = _Builder(body, now or datetime.now(UTC))
     b.policies, b.slots = tuple(policies), slots
     b.ttl_default = ttl_seconds_after_finished  # the operator's; spec.ttlSecondsAfterFinished wins
+    b.gpu_products = dict(gpu_products or {})  # GPU product label → memory (chart gpuProducts)
     views = attempts_of(jobs, pods, workloads or ())
     usage = account(b.old, jobs, pods, b.now)  # in every state: stopping pods still count
     if usage or b.old.get("gpuSeconds") is not None:
@@ -550,7 +553,7 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
             b.condition(c.ACCEPTED, False, POLICY_VIOLATION, text)
             b.state("Invalid", POLICY_VIOLATION, text, warning=True, action="ValidateSpec")
             return b.finish()
-        too_big = _memory_refusal(current, body)
+        too_big = _memory_refusal(current, body, b.gpu_products)
         if too_big is not None:
             b.condition(c.ACCEPTED, False, too_big[0], too_big[1])
             b.state("Invalid", too_big[0], too_big[1], warning=True, action="ValidateSpec")
@@ -593,12 +596,14 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
     return b.finish()
 
 
-def _memory_refusal(job: FineTuneJob, body: dict[str, Any]) -> tuple[str, str] | None:
+def _memory_refusal(
+    job: FineTuneJob, body: dict[str, Any], gpu_products: Mapping[str, str]
+) -> tuple[str, str] | None:
     """(reason, message) when the job's estimated GPU memory exceeds
     spec.resources.gpuMemory (memory.py), or its architecture annotation is malformed."""
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     try:
-        message = memory_refusal(job, annotations)
+        message = memory_refusal(job, annotations, gpu_products)
     except (ValueError, TypeError) as error:
         return "InvalidSpec", f"metadata.annotations[{ARCHITECTURE_ANNOTATION}]: {error}"
     return None if message is None else (INSUFFICIENT_GPU_MEMORY, message)

@@ -250,3 +250,39 @@ def test_memory_refusal_names_the_fix_for_a_full_fine_tune() -> None:
     message = memory_refusal(job, {ARCHITECTURE_ANNOTATION: ARCH.to_json()})
     assert message is not None
     assert "more GPUs" in message and "lora or qlora" in message
+
+
+def test_a_gpu_product_the_platform_maps_to_memory_is_checked_too() -> None:
+    products = {"NVIDIA-L4": "24Gi", "NVIDIA-H100-80GB-HBM3": "80Gi"}
+    body = _body(None, ARCH.to_json())
+    body["spec"]["resources"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    decision = reconcile(body, [], [], image="trainer:test", now=NOW, gpu_products=products)
+    assert decision.create_job is None
+    accepted = next(x for x in decision.status["conditions"] if x["type"] == "Accepted")
+    assert accepted["reason"] == "InsufficientGpuMemory"
+    assert "nvidia.com/gpu.product=NVIDIA-L4 in the operator's GPU table" in accepted["message"]
+    # an unknown product, or no table: nothing to check against
+    body["spec"]["resources"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-A10"}
+    assert reconcile(body, [], [], image="t", now=NOW, gpu_products=products).create_job
+    # the job's own gpuMemory wins over the table
+    body["spec"]["resources"]["nodeSelector"] = {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    body["spec"]["resources"]["gpuMemory"] = "400Gi"
+    assert reconcile(body, [], [], image="t", now=NOW, gpu_products=products).create_job
+
+
+def test_the_charts_gpu_products_reach_the_operator() -> None:
+    pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
+    from chart_helpers import render_manifests
+
+    from kubetune_operator.cli import _gpu_products, build_parser
+
+    def operator_args(values: dict[str, Any]) -> list[str]:
+        deployment = next(m for m in render_manifests(values) if m["kind"] == "Deployment")
+        return list(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    assert not any(a.startswith("--gpu-memory-by-product") for a in operator_args({}))
+    table = {"NVIDIA-H100-80GB-HBM3": "80Gi", "NVIDIA-L4": "24Gi"}
+    args = build_parser().parse_args(["operator", *operator_args({"gpuProducts": table})])
+    assert _gpu_products(args.gpu_memory_by_product) == table
+    with pytest.raises(ValueError):
+        _gpu_products('{"NVIDIA-L4": "lots"}')
