@@ -19,6 +19,7 @@ from kubetune_operator.memory import (
     verdict,
 )
 from kubetune_operator.reconcile import reconcile
+from kubetune_operator.translate import trainer_config as trainer_config_for
 from kubetune_trainer.config import (
     DatasetConfig,
     DistributedConfig,
@@ -286,3 +287,34 @@ def test_the_charts_gpu_products_reach_the_operator() -> None:
     assert _gpu_products(args.gpu_memory_by_product) == table
     with pytest.raises(ValueError):
         _gpu_products('{"NVIDIA-L4": "lots"}')
+
+
+def test_the_8b_qlora_example_declares_its_gpu_and_fits_it() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "llama-8b-qlora.yaml"
+    body = yaml.safe_load(path.read_text())
+    text = body["metadata"]["annotations"][ARCHITECTURE_ANNOTATION]
+    assert Architecture.from_json(text) == ARCH  # Llama-3.1-8B has Llama-3-8B's shape
+    job = parse_manifest(body)
+    assert job.spec.resources.gpuMemory == "80Gi"
+    assert memory_refusal(job, body["metadata"]["annotations"]) is None
+    config = trainer_config_for(job)
+    need = estimate(ARCH, config).total
+    assert 28 * GIB < need < 36 * GIB  # the "≈ 32 GiB" its comment says
+
+
+def test_prompt_learning_counts_no_adapter() -> None:
+    config = _config()
+    config = config.model_copy(
+        update={
+            "method": MethodConfig(type="prompt"),
+            "dataset": config.dataset.model_copy(update={"packing": False}),
+        }
+    )
+    prompt = estimate(ARCH, config)
+    assert prompt.trainable_params == 0
+    assert any("prompt tuning" in note for note in prompt.notes)
+    assert prompt.parts["base weights"] == ARCH.params * 2
