@@ -22,7 +22,7 @@ def _row(i: int, output: str | None = None) -> str:
     )
 
 
-def _manifest(tmp_path: Path, model: Path, *, resources: str, extra: str = "") -> Path:
+def _manifest(tmp_path: Path, model: Path | str, *, resources: str, extra: str = "") -> Path:
     job = tmp_path / "job.yaml"
     job.write_text(
         f"""apiVersion: kubetune.io/v1alpha1
@@ -105,3 +105,40 @@ def test_plan_names_a_model_without_config(tmp_path: Path, capsys: pytest.Captur
     job = _manifest(tmp_path, tmp_path / "model", resources="{gpus: 1}")
     assert main(["plan", "-f", str(job)]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_plan_reads_only_config_and_tokenizer_from_the_hub(
+    tiny_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    asked: list[tuple[str, str, str | None]] = []
+
+    def download(
+        repo_id: str, filename: str, *, revision: str | None, token: object, local_dir: Path
+    ) -> str:
+        asked.append((repo_id, filename, revision))
+        if not (tiny_model / filename).is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return shutil.copy(tiny_model / filename, Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    (tmp_path / "train.jsonl").write_text("\n".join(_row(i) for i in range(30)) + "\n")
+    job = _manifest(tmp_path, "hf://org/tiny", resources="{gpus: 1, gpuMemory: 80Gi}")
+    job.write_text(
+        job.read_text().replace("source: hf://org/tiny}", "source: hf://org/tiny, revision: abc}")
+    )
+    assert main(["plan", "-f", str(job), "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"]["numLayers"] == 2
+    assert report["data"]["stats"]["p50_tokens"] > 0  # the hub's tokenizer was used
+    files = {name for _, name, _ in asked}
+    assert "config.json" in files and "tokenizer.json" in files
+    assert not any(name.endswith(".safetensors") for name in files)  # never the weights
+    assert {(repo, revision) for repo, _, revision in asked} == {("org/tiny", "abc")}
