@@ -62,6 +62,23 @@ def _print_problems(source: str, problems: list[Problem]) -> None:
         print(f"  {problem}".replace("\n", "\n  "), file=sys.stderr)
 
 
+def _check_gpu_memory(job: Any, body: dict[str, Any]) -> None:
+    """What the operator checks before any pod: the model-architecture annotation parses,
+    and the estimate fits spec.resources.gpuMemory (memory.py); InvalidManifest if not."""
+    from .memory import ARCHITECTURE_ANNOTATION, memory_refusal
+
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    try:
+        refusal = memory_refusal(job, annotations)
+    except (ValueError, TypeError) as error:
+        field = f"metadata.annotations[{ARCHITECTURE_ANNOTATION}]"
+        hint = "write it with kubetune plan -f FILE --annotate"
+        raise InvalidManifest([Problem(field, str(error), hint)]) from None
+    if refusal is not None:
+        hint = "the operator refuses it (InsufficientGpuMemory); see docs/plan.md"
+        raise InvalidManifest([Problem("spec.resources.gpuMemory", refusal, hint)])
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     failures = 0
     for path in args.filename:
@@ -88,6 +105,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                         ]
                     )
                 parsed = (parse or parse_manifest)(body)
+                if kind == KIND:
+                    _check_gpu_memory(parsed, body)
             except InvalidManifest as invalid:
                 failures += 1
                 _print_problems(document.source, invalid.problems)

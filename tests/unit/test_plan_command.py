@@ -142,3 +142,40 @@ def test_plan_reads_only_config_and_tokenizer_from_the_hub(
     assert "config.json" in files and "tokenizer.json" in files
     assert not any(name.endswith(".safetensors") for name in files)  # never the weights
     assert {(repo, revision) for repo, _, revision in asked} == {("org/tiny", "abc")}
+
+
+def test_validate_refuses_what_the_operator_would_refuse_for_memory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arch = Architecture(
+        hiddenSize=4096,
+        numLayers=32,
+        numHeads=32,
+        numKvHeads=8,
+        intermediateSize=14336,
+        vocabSize=128256,
+    )
+
+    def manifest(annotation: str, gpu_memory: str) -> Path:
+        body = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "big", "annotations": {ARCHITECTURE_ANNOTATION: annotation}},
+            "spec": {
+                "model": {"source": "hf://org/model"},
+                "dataset": {"sources": ["s3://d/train.jsonl"], "maxSeqLength": 2048},
+                "output": {"uri": "s3://o/big"},
+                "resources": {"gpus": 1, "gpuMemory": gpu_memory},
+            },
+        }
+        path = tmp_path / "big.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    assert main(["validate", "-f", str(manifest(arch.to_json(), "24Gi"))]) == 1
+    err = capsys.readouterr().err
+    assert "spec.resources.gpuMemory: the job needs about" in err
+    assert "InsufficientGpuMemory" in err
+    assert main(["validate", "-f", str(manifest(arch.to_json(), "141Gi"))]) == 0
+    assert main(["validate", "-f", str(manifest('{"hiddenSize": "x"}', "141Gi"))]) == 1
+    assert f"metadata.annotations[{ARCHITECTURE_ANNOTATION}]" in capsys.readouterr().err
