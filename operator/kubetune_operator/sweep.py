@@ -62,6 +62,7 @@ from .api.sweep import (
 )
 from .api.types import FineTuneJobSpec
 from .api.validation import InvalidManifest, Problem, problems_of
+from .memory import ARCHITECTURE_ANNOTATION
 from .policy import POLICY_VIOLATION, sweep_violations
 from .reconcile import Event, transition_origin
 from .workload import KUEUE_LABELS
@@ -428,11 +429,11 @@ def trial_manifest(
         value = (meta.get("labels") or {}).get(key)
         if value:
             labels[key] = value
-    metadata: dict[str, Any] = {
-        "name": name,
-        "labels": labels,
-        "annotations": {PARAMS_ANNOTATION: json.dumps(params)},  # in spec.parameters order
-    }
+    annotations = {PARAMS_ANNOTATION: json.dumps(params)}  # in spec.parameters order
+    architecture = (meta.get("annotations") or {}).get(ARCHITECTURE_ANNOTATION)
+    if architecture:  # each trial's memory is checked at its own parameters (memory.py)
+        annotations[ARCHITECTURE_ANNOTATION] = architecture
+    metadata: dict[str, Any] = {"name": name, "labels": labels, "annotations": annotations}
     if meta.get("namespace"):
         metadata["namespace"] = meta["namespace"]
     if meta.get("uid"):

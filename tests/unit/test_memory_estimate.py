@@ -318,3 +318,46 @@ def test_prompt_learning_counts_no_adapter() -> None:
     assert prompt.trainable_params == 0
     assert any("prompt tuning" in note for note in prompt.notes)
     assert prompt.parts["base weights"] == ARCH.params * 2
+
+
+def test_sweep_trials_carry_the_architecture_so_each_is_checked() -> None:
+    from kubetune_operator.sweep import reconcile_sweep
+
+    sweep = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {
+            "name": "bs",
+            "namespace": "ml",
+            "uid": "sweep-uid",
+            "generation": 1,
+            "annotations": {ARCHITECTURE_ANNOTATION: ARCH.to_json(), "other": "not-copied"},
+        },
+        "spec": {
+            "template": {
+                "model": {"source": "hf://org/model"},
+                "dataset": {"sources": ["s3://data/train.jsonl"], "maxSeqLength": 2048},
+                "method": {"type": "qlora"},
+                "training": {"maxSteps": 40, "gradientCheckpointing": True},
+                "output": {"uri": "s3://artifacts/sweeps/bs/"},
+                "resources": {"gpus": 1, "gpuMemory": "24Gi"},
+            },
+            "parameters": [
+                {"path": "training.batchSize", "type": "categorical", "values": [1, 16]}
+            ],
+            "algorithm": {"type": "grid"},
+            "maxTrials": 2,
+            "parallelTrials": 2,
+        },
+    }
+    trials = reconcile_sweep(sweep, [], now=NOW).create_trials
+    assert len(trials) == 2
+    refused = []
+    for trial in trials:
+        assert trial["metadata"]["annotations"][ARCHITECTURE_ANNOTATION] == ARCH.to_json()
+        assert "other" not in trial["metadata"]["annotations"]
+        trial["metadata"].update(uid="t", generation=1)
+        decision = reconcile(trial, [], [], image="t", now=NOW)
+        if decision.create_job is None:
+            refused.append(trial["spec"]["training"]["batchSize"])
+    assert refused == [16]  # batch 1 fits 24 GiB under qlora, batch 16 does not
