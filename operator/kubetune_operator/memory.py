@@ -23,9 +23,11 @@ What is counted (bytes per GPU), for a Llama-shaped decoder (attention with
   RMSNorms' fp32 copies and outputs, q, k and v (k and v repeated to every head, as the
   sdpa path does with a packing mask), the attention output and its contiguous copy,
   the MLP's gate, up, SiLU and product (4 × intermediate), the adapters' rank-r
-  intermediates. Memory-efficient attention stores no seq² scores; the packing mask
-  (seq² per row) is counted once. Gradient checkpointing keeps each layer's input and
-  recomputes one layer at a time;
+  intermediates and, on a GPU, each adapted linear's input in the compute dtype (peft
+  casts it to the fp32 adapter's dtype, autocast back); under qlora on a GPU the
+  residual stream is fp32 (the upcast embeddings). Memory-efficient attention stores no
+  seq² scores; the packing mask (seq² per row) is counted once. Gradient checkpointing
+  keeps each layer's input and recomputes one layer at a time;
 - **logits and loss**: per token, the vocab-sized fp32 log-probabilities, their gradient
   and the logits' gradient at the start of the backward pass (plus the logits in the
   compute dtype when it is not fp32);
@@ -358,10 +360,14 @@ def estimate(
     rows = max(1, math.ceil(tokens / seq))
     d_all = arch.numHeads * arch.head_dim
     stream = 4 if quant is not None and gpu else a  # upcast norms/embeddings: fp32 stream
-    norms = 2 * (4 * h + stream * h + (a * h if stream != a else 0))
+    norms = 2 * (4 * h + stream * h)
     attention = a * (d_all + 2 * d_all + 2 * d_all)  # q, k, v (repeated), output, copy
     mlp = a * 4 * arch.intermediateSize
     lora = len(adapted) * method.r * 4
+    # On a GPU the adapters (fp32) and the compute dtype differ: peft casts each adapted
+    # linear's input to fp32, autocast casts it back, and lora_A keeps that copy.
+    if gpu and a != 4:
+        lora += a * sum(i for i, _ in adapted.values())
     per_layer = norms + attention + mlp + lora
     checkpointing = training.gradient_checkpointing or (
         strategy == "fsdp" and config.distributed.fsdp.activation_checkpointing
