@@ -75,6 +75,13 @@ CPU_CASES = [
     ("bench", BENCH, "full", False, 8, 512),
     ("bench-vocab32k", {**BENCH, "vocab_size": 32000}, "lora", False, 4, 512),
 ]
+# The GPU formula (bf16 activations, adapter-input copies) on CPU: a bf16 model under CPU
+# autocast, LoRA (the trainer's qlora runs fp32 on CPU, so it is left out).
+CPU_BF16_CASES = [
+    ("bench", BENCH, "lora", False, 8, 512),
+    ("bench", BENCH, "lora", True, 8, 512),
+    ("bench-vocab32k", {**BENCH, "vocab_size": 32000}, "lora", False, 4, 512),
+]
 GPU_CASES = [
     ("0.6B", GPU_SHAPE, "lora", False, 4, 1024),
     ("0.6B", GPU_SHAPE, "lora", True, 4, 1024),
@@ -118,6 +125,7 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
     from kubetune_trainer.modeling import build_model
 
     cuda = case["device"] == "cuda"
+    bf16 = case["device"] in ("cuda", "cpu-bf16")
     config = _config(case["method"], case["checkpointing"], case["batch"], case["seq"])
     # What build_model imports lazily, imported before the baseline: code, not the run.
     import peft  # noqa: F401
@@ -139,7 +147,7 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
         Path(case["model_dir"]),
         config.method,
         gradient_checkpointing=case["checkpointing"],
-        precision="bf16" if cuda else "fp32",
+        precision="bf16" if bf16 else "fp32",
     )
     model.train()
     device = "cuda" if cuda else "cpu"
@@ -150,7 +158,7 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, min(vocab, 512), (case["batch"], case["seq"]), generator=generator)
     ids = ids.to(device)
     for _ in range(3):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         optimizer.step()
@@ -185,7 +193,13 @@ def _save_model(shape: dict[str, int], directory: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cpu-bf16", "cuda"],
+        default="cpu",
+        help="cpu-bf16: a bf16 model under CPU autocast, as on a GPU (checks the GPU "
+        "activation formula without one; no CUDA context counted)",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument(
         "--glibc-default",
@@ -201,7 +215,7 @@ def main() -> int:
 
     from kubetune_operator.memory import Architecture, estimate
 
-    cases = GPU_CASES if args.device == "cuda" else CPU_CASES
+    cases = {"cuda": GPU_CASES, "cpu": CPU_CASES, "cpu-bf16": CPU_BF16_CASES}[args.device]
     rows = []
     with tempfile.TemporaryDirectory(prefix="kubetune-memory-") as scratch:
         built: dict[str, Path] = {}
@@ -219,7 +233,7 @@ def main() -> int:
                 "device": args.device,
             }
             env = {**os.environ, "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer-image'}"}
-            if args.device == "cpu" and not args.glibc_default:
+            if args.device != "cuda" and not args.glibc_default:
                 # glibc then returns every freed block of 64 KiB or more to the OS at once,
                 # so the resident set follows the live tensors instead of keeping freed
                 # heap (by default freed tensors under 32 MiB stay in the process: about
@@ -238,7 +252,9 @@ def main() -> int:
             measured = json.loads(run.stdout.strip().splitlines()[-1])
             arch = Architecture.from_config(json.loads((model_dir / "config.json").read_text()))
             config = _config(method, checkpointing, batch, seq)
-            predicted = estimate(arch, config, gpu=args.device == "cuda", packing_mask=False)
+            predicted = estimate(arch, config, gpu=args.device != "cpu", packing_mask=False)
+            if args.device == "cpu-bf16":  # no CUDA: the GPU formula without its runtime part
+                predicted.parts.pop("CUDA context + allocator")
             row = {
                 "model": name,
                 "params": arch.params,
