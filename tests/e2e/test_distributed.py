@@ -37,7 +37,10 @@ def test_two_nodes_of_two_ranks_train_and_resume_all_ranks_after_one_dies(
         "ddp",
         resources={"nodes": 2, "gpus": 0},
         distributed={"processesPerNode": 2},
-        training={"maxSteps": 24, "batchSize": 2, "checkpointEverySteps": 6},
+        # Enough steps that the kill below lands mid-training: on an idle machine the tiny
+        # model trains 24 steps in about the time it takes to notice step 6 and kill, and
+        # attempt 1 had published (attempt 2 then rightly reports its artifact).
+        training={"maxSteps": 96, "batchSize": 2, "checkpointEverySteps": 6},
     )
     cluster.apply(job)
     running = cluster.wait("ddp", lambda j: _step(j) >= 6, "a checkpoint", timeout=240)
@@ -56,6 +59,7 @@ def test_two_nodes_of_two_ranks_train_and_resume_all_ranks_after_one_dies(
     first = cluster.batch.read_namespaced_job("ddp-attempt-1", "default")
     assert any(c.type == "Failed" and c.status == "True" for c in first.status.conditions)
     manifest = json.loads(cluster.store.get_bytes("jobs/default/ddp/adapter/manifest.json"))
+    assert manifest.get("resumed_from_step") is not None, "attempt 1 finished before the kill"
     assert manifest["resumed_from_step"] >= 6
     events = [e.message for e in cluster.events() if e.involved_object.name == "ddp"]
     assert any("attempt 2 of 3 started" in m for m in events), events
