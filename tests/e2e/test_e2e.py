@@ -88,7 +88,8 @@ def test_invalid_spec_gets_invalid_spec_condition_and_no_pod(cluster: Cluster) -
 
 
 def test_killed_trainer_is_retried_and_resumes_from_checkpoint(cluster: Cluster) -> None:
-    cluster.apply(cluster.tiny_job("retry", training={"maxSteps": 36}))
+    # Enough steps that the kill lands mid-training on an idle machine, too.
+    cluster.apply(cluster.tiny_job("retry", training={"maxSteps": 96}))
     cluster.wait("retry", lambda j: _step(j) >= 6, "a checkpoint")
     cluster.kubelet.kill(cluster.pod_name("retry"), signal.SIGKILL)
     done = cluster.wait_state("retry", "Succeeded", timeout=240)
