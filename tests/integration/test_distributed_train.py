@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from harness.network import free_port
-from trainer_helpers import fetch_text, mean_response_loss, read_rows, tiny_config
+from trainer_helpers import fetch_text, mean_response_loss, read_rows, tiny_config, wait_for
 
 from kubetune_trainer.config import OutputConfig, TrainerConfig
 from kubetune_trainer.errors import ExitCode
@@ -65,16 +65,6 @@ def _torchrun(
         text=True,
         start_new_session=True,
     )
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _progress(port: int) -> dict[str, Any] | None:
@@ -171,7 +161,7 @@ def test_sigterm_stops_all_ranks_at_one_step_with_a_checkpoint(
         env={"POD_IP": "127.0.0.1", "KUBETUNE_TERMINATION_MESSAGE_PATH": str(termination)},
     )
     try:
-        progress = _wait_for(
+        progress = wait_for(
             lambda: (p := _progress(port)) and p["step"] >= 3 and p, 120, "three steps"
         )
         assert progress["world_size"] == 2 and progress["strategy"] == "ddp"

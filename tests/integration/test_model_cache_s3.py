@@ -13,11 +13,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
-from trainer_helpers import run_trainer_process, tiny_config
+from trainer_helpers import run_trainer_process, tiny_config, wait_for
 
 from kubetune_trainer.config import MODEL_CACHE_ENV, TrainerConfig
 from kubetune_trainer.errors import ExitCode
@@ -56,16 +55,6 @@ def _tree(directory: Path) -> dict[str, bytes]:
     }
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_two_attempts_and_two_jobs_fetch_the_model_once(
     seaweedfs, s3_model: str, tiny_dataset: Path, tmp_path: Path, monkeypatch
 ) -> None:
@@ -97,7 +86,7 @@ def test_two_attempts_and_two_jobs_fetch_the_model_once(
     before = _gets(seaweedfs, s3_model)
     process = run_trainer_process(first)
     try:
-        _wait_for(lambda: list(markers.glob("step-*/COMPLETE")), 180, "a checkpoint")
+        wait_for(lambda: list(markers.glob("step-*/COMPLETE")), 180, "a checkpoint")
         process.kill()
     finally:
         process.wait(30)
@@ -151,7 +140,7 @@ def test_a_downloader_killed_mid_download_leaves_no_usable_copy(
         text=True,
     )
     try:
-        _wait_for(
+        wait_for(
             lambda: (
                 child.poll() is not None
                 or [p for p in entry.glob(f"{PARTIAL}*/model/*") if p.is_file()]

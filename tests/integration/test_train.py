@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from trainer_helpers import (
     read_rows,
     run_trainer_process,
     tiny_config,
+    wait_for,
 )
 
 from kubetune_trainer.artifact import sha256_file
@@ -162,16 +162,6 @@ def test_merged_export_loads_as_a_plain_model(
 # --------------------------------------------------------------------------- resume, SIGTERM
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_killed_run_resumes_from_newest_complete_checkpoint(
     tiny_model: Path, tiny_dataset: Path, tmp_path: Path
 ) -> None:
@@ -185,7 +175,7 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(
     markers = output / "checkpoints"
     process = run_trainer_process(config)
     try:
-        _wait_for(lambda: list(markers.glob("step-*/COMPLETE")), 120, "a complete checkpoint")
+        wait_for(lambda: list(markers.glob("step-*/COMPLETE")), 120, "a complete checkpoint")
         process.kill()  # SIGKILL: no chance to clean up
     finally:
         process.wait(30)
@@ -217,7 +207,7 @@ def test_sigterm_checkpoints_and_exits_preempted(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        progress = _wait_for(
+        progress = wait_for(
             lambda: (
                 (p := fetch_text(f"{base}/progress"))
                 and json.loads(p)["step"] >= 3

@@ -6,13 +6,26 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kubetune_trainer.config import TrainerConfig
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """The first truthy value of ``predicate``, polled every 0.05 s for ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def fetch_text(url: str) -> str | None:
