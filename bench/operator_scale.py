@@ -34,6 +34,27 @@ For each N (``--jobs 100,500,1000``):
   trainer's result as termination message) and their Jobs get ``SuccessCriteriaMet`` then
   ``Complete``, as the Job controller writes them; reported: Job Complete → job
   ``Succeeded``;
+* **running** (``--running-jobs K``, default 0: off; after the phases above): K jobs run
+  and report at once, for issue 12's target "1,000 jobs running and reporting: step →
+  status p95 ≤ 15 s at the default poll interval, operator ≤ 0.25 core". The bench plays
+  kubelet for K pods as the progress phase does (Running and ready, a podIP of its own,
+  127.1.x.y: Linux routes all of 127/8 to loopback; the Job's ``ready`` 1) and one
+  :class:`TrainerStandIn` stands in for the K trainers: one asyncio thread listening on
+  the progress port at each of the K IPs, answering ``GET /progress`` with the JSON the
+  trainer's ``ProgressServer`` serves (``ProgressState.as_json()``), for the pod the
+  socket's local address names (K real ``ProgressServer`` instances, a thread per request
+  each, would cost this process more than the operator under test). Once every job's
+  status shows step 1, the window of ``--running-seconds`` opens: each trainer advances
+  one step every ``--running-step-seconds`` on its own clock (staggered by a random
+  offset), so the moment a step became visible at its endpoint is known exactly. Reported
+  over the window: step visible → the job's committed ``status.progress.step`` ≥ it
+  (p50/p95/max over all jobs and steps; steps still unreported when the window closes are
+  waited for, frozen, and any never reported are counted), the operator's share of a
+  core, its API requests per second (and by verb), the trainer GETs served and the time
+  between two GETs of the same trainer (the operator's poll period, round included).
+  Unless ``--progress-interval`` is given, the operator then runs with its own default
+  poll interval (the flag is not passed; the JSON's ``config.progress_interval`` says
+  which), for all phases of the run;
 * the emulator is the harness's with two costs that grow with the number of requests
   and objects taken out (:class:`BenchEmulator`; ``--harness-emulator`` serves the stock
   one, which then sets the pace itself); its CPU (its thread in this process) is reported
@@ -45,23 +66,28 @@ For each N (``--jobs 100,500,1000``):
 
 Pods stay Pending (there is no kubelet) except those the bench starts. Targets (issue):
 1,000 jobs → all workloads (attempt Jobs) within 60 s, operator peak RSS ≤ 300 MB,
-apply → workload p50 ≤ 150 ms. "MB" here is MiB. Linux only (the trainers listen on
-127.0.0.x aliases).
+apply → workload p50 ≤ 150 ms; with 1,000 jobs running, step → status p95 ≤ 15 s and
+the operator ≤ 0.25 core (checked when ``--running-jobs`` ≥ 1000). "MB" here is MiB.
+Linux only (the trainers listen on 127.0.0.x and 127.1.x.y aliases).
 
     .venv/bin/python bench/operator_scale.py                      # 100, 500, 1000 jobs
     .venv/bin/python bench/operator_scale.py --jobs 300 --apply-rate 10 --progress-rounds 0
     .venv/bin/python bench/operator_scale.py --jobs 1000 --py-spy /tmp/prof
+    .venv/bin/python bench/operator_scale.py --jobs 1000 --running-jobs 1000 \
+        --running-seconds 90 --progress-rounds 0      # issue 12's "1,000 running" target
 
 Prints a table, then one JSON line with everything. ``--py-spy DIR`` also records the
-operator's GIL-holding thread with py-spy during the apply phase (``DIR/operator-N.txt``,
-collapsed stacks; the JSON gets the CPU split into buckets, kopf / kubernetes client / our
-code, and the hottest functions); numbers taken while profiling are not clean.
+operator's GIL-holding thread with py-spy during the apply phase (``DIR/operator-N.txt``)
+and the running window (``DIR/operator-N-running.txt``): collapsed stacks; the JSON gets
+the CPU split into buckets, kopf / kubernetes client / our code, and the hottest
+functions; numbers taken while profiling are not clean.
 ``--operator-cmd`` runs another build of the operator (e.g. a patched copy) for A/B runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import http.client
 import json
@@ -107,6 +133,8 @@ ATTEMPT_JOBS_PATH = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs"  # the operato
 TARGET_ALL_JOBS_S = 60.0
 TARGET_PEAK_RSS_MB = 300.0
 TARGET_P50_MS = 150.0
+TARGET_RUNNING_STEP_P95_S = 15.0  # with 1,000 jobs running and reporting
+TARGET_RUNNING_CORE = 0.25
 MB = 1024 * 1024
 KUBETUNE = Path(sys.executable).parent / "kubetune"
 
@@ -424,6 +452,157 @@ class JobStandIn(threading.Thread):
         return dict(json.loads(answer))
 
 
+class TrainerStandIn(threading.Thread):
+    """Stands in for the trainers of the running phase: their ``/progress`` endpoints.
+
+    One asyncio loop in one thread listens on ``port`` at each trainer's IP (one socket
+    per IP; which trainer was asked is the connection's local address) and answers
+    ``GET /progress`` with the JSON the trainer's ``ProgressServer`` serves: a
+    ``ProgressState.as_json()`` with this trainer's step filled in (epoch, loss, percent,
+    ETA and tokens follow it), then closes the connection, as ``ProgressServer`` does for
+    the operator's ``urllib`` (``Connection: close``). Anything else gets a 404.
+
+    Steps: 1 until :meth:`open` (``begin``, ``end``); then trainer i shows step 2 from
+    ``begin + offset_i`` (offset uniform in [0, period)), step 3 a period later, and so
+    on, while the step's time is before ``end``; after ``end`` the steps stay. The step is
+    computed per request, so the instant a step became visible is its boundary, exactly.
+    """
+
+    TOTAL_STEPS = 100_000
+
+    def __init__(self, ips: list[str], port: int, period: float) -> None:
+        super().__init__(daemon=True, name="trainer-stand-in")
+        self.ips, self.port, self.period = ips, port, period
+        self.offsets = {ip: random.uniform(0.0, period) for ip in ips}
+        self.begin = self.end = float("inf")
+        self.gets = 0  # /progress GETs answered
+        self.gaps: list[float] = []  # between two GETs of one trainer, inside the window
+        self._last_get: dict[str, float] = {}
+        self.errors: list[str] = []
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        state = ProgressState(phase="training", step=1, total_steps=self.TOTAL_STEPS)
+        state.learning_rate, state.tokens_per_second = 1e-4, 1000.0
+        self._template = state.as_json()
+
+    # -- the clock
+
+    def open(self, begin: float, end: float) -> None:
+        self.begin, self.end = begin, end
+
+    def step(self, ip: str, now: float) -> int:
+        first = self.begin + self.offsets[ip]  # step 2 from here
+        last = min(now, self.end - 1e-9)
+        return 1 if last < first else 2 + int((last - first) // self.period)
+
+    def visible(self, ip: str) -> dict[int, float]:
+        """Step → the moment it became visible, for the steps of the window."""
+        first = self.begin + self.offsets[ip]
+        steps, step, at = {}, 2, first
+        while at < self.end:
+            steps[step] = at
+            step, at = step + 1, first + (step - 1) * self.period
+        return steps
+
+    # -- the server
+
+    def body(self, ip: str, now: float) -> bytes:
+        step = self.step(ip, now)
+        data = dict(self._template)
+        total = self.TOTAL_STEPS
+        data.update(
+            step=step,
+            epoch=step / total,
+            train_loss=2.0 / step,
+            percent=int(100 * step / total),
+            eta_seconds=int(self.period * (total - step)),
+            trained_tokens=4096 * step,
+        )
+        if self.begin <= now <= self.end:
+            if (last := self._last_get.get(ip)) is not None and last >= self.begin:
+                self.gaps.append(now - last)
+            self._last_get[ip] = now
+        self.gets += 1
+        return json.dumps(data).encode()
+
+    def run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        servers = []
+        try:
+            for ip in self.ips:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((ip, self.port))
+                sock.listen(128)
+                sock.setblocking(False)
+                servers.append(
+                    loop.run_until_complete(loop.create_server(self._endpoint, sock=sock))
+                )
+        except Exception as exc:  # reported by start()
+            self.errors.append(f"listening on {len(servers)}th IP: {exc!r}")
+        self._ready.set()
+        if not self.errors:
+            loop.run_forever()
+        for server in servers:
+            server.close()
+        pending = asyncio.all_tasks(loop)  # connections being accepted as it stopped
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+
+    def start(self) -> None:
+        super().start()
+        self._ready.wait(60)
+        if self.errors:
+            raise RuntimeError(f"the trainer stand-in could not listen: {self.errors}")
+
+    def stop(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self.join(10)
+
+    def _endpoint(self) -> asyncio.Protocol:
+        return _Endpoint(self)
+
+
+class _Endpoint(asyncio.Protocol):
+    """One connection to a trainer stand-in: one request, one answer, closed."""
+
+    def __init__(self, trainers: TrainerStandIn) -> None:
+        self.trainers = trainers
+        self.buffer = b""
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        method, path, *_ = [*self.buffer.split(b"\r\n", 1)[0].split(b" "), b"", b""]
+        if method == b"GET" and path.startswith(b"/progress"):
+            ip = self.transport.get_extra_info("sockname")[0]
+            try:
+                body = self.trainers.body(ip, time.monotonic())
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            except Exception as exc:  # e.g. an IP no trainer has
+                self.trainers.errors.append(repr(exc))
+                body, head = b"", b"HTTP/1.1 500 Internal Server Error\r\n"
+        else:
+            body, head = b"", b"HTTP/1.1 404 Not Found\r\n"
+        length = f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        self.transport.write(head + length + body)
+        self.transport.close()
+
+
+def running_ip(index: int) -> str:
+    """The pod IP of the index-th running job: 127.1.0.1, ... (250 per /24)."""
+    return f"127.1.{index // 250}.{1 + index % 250}"
+
+
 def rfc3339() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -486,6 +665,9 @@ def operator_process(
     kubeconfig: Path, log_dir: Path, args: argparse.Namespace, progress_port: int
 ) -> Iterator[OperatorProcess]:
     """``kubetune operator`` (or ``--operator-cmd``) as a process of its own (the harness's)."""
+    interval = ["--progress-interval", str(args.progress_interval)]
+    if args.progress_interval_from == "operator default":
+        interval = []  # the operator's own default, as deployed
     operator = OperatorProcess(
         kubeconfig,
         log_dir,
@@ -493,8 +675,7 @@ def operator_process(
         args=[
             "--image",
             "ghcr.io/kubetune/trainer:bench",
-            "--progress-interval",
-            str(args.progress_interval),
+            *interval,
             "--resync-interval",
             str(args.resync_interval),
             "--trainer-progress-port",
@@ -557,6 +738,32 @@ def attempt_of(name: str) -> str:
     return f"{name}-attempt-1"
 
 
+def start_pod(stand_in: JobStandIn, name: str, ip: str) -> None:
+    """Play kubelet for the job's rank-0 pod (Running, ready, ``ip``) and the Job
+    controller for its Job (``ready: 1``)."""
+    container = {
+        "name": "trainer",
+        "image": "ghcr.io/kubetune/trainer:bench",
+        "imageID": "",
+        "containerID": f"bench://{name}",
+        "ready": True,
+        "started": True,
+        "restartCount": 0,
+        "state": {"running": {"startedAt": rfc3339()}},
+    }
+    patch = {
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "containerStatuses": [container],
+        }
+    }
+    pod = stand_in.pods[attempt_of(name)][0]  # rank 0: one node per job here
+    stand_in.patch(f"{PODS_PATH}/{pod}/status", patch)
+    stand_in.patch_job(attempt_of(name), {"ready": 1})  # as the Job controller counts
+
+
 def progress_phase(
     server: EmulatorServer,
     recorder: Recorder,
@@ -568,29 +775,8 @@ def progress_phase(
     """Start the pods of ``names`` (Running, podIP 127.0.0.(10+i)); time step bumps."""
     started: dict[str, float] = {}
     for i, name in enumerate(names):
-        ip = f"127.0.0.{10 + i}"
-        container = {
-            "name": "trainer",
-            "image": "ghcr.io/kubetune/trainer:bench",
-            "imageID": "",
-            "containerID": f"bench://{name}",
-            "ready": True,
-            "started": True,
-            "restartCount": 0,
-            "state": {"running": {"startedAt": rfc3339()}},
-        }
-        patch = {
-            "status": {
-                "phase": "Running",
-                "podIP": ip,
-                "podIPs": [{"ip": ip}],
-                "containerStatuses": [container],
-            }
-        }
-        pod = stand_in.pods[attempt_of(name)][0]  # rank 0: one node per job here
         started[name] = time.monotonic()
-        stand_in.patch(f"{PODS_PATH}/{pod}/status", patch)
-        stand_in.patch_job(attempt_of(name), {"ready": 1})  # as the Job controller counts
+        start_pod(stand_in, name, f"127.0.0.{10 + i}")
     if not wait_until(lambda: all(1 in recorder.steps[n] for n in names), args.timeout):
         missing = [n for n in names if 1 not in recorder.steps[n]]
         found = {n: describe(server, stand_in, n) for n in missing[:5]}
@@ -688,6 +874,142 @@ def finish_phase(
         for n in names
     ]
     return {"jobs": len(names), "complete_to_succeeded": summary_ms(latencies)}
+
+
+def running_phase(
+    server: EmulatorServer,
+    recorder: Recorder,
+    stand_in: JobStandIn,
+    names: list[str],
+    args: argparse.Namespace,
+    clock: CpuClock,
+    alive: Callable[[], bool],
+    progress_port: int,
+    profile_pid: int | None = None,
+) -> dict[str, Any]:
+    """K jobs running and reporting at once (see the module's docstring); with
+    ``--py-spy`` the operator is profiled during the window."""
+    ips = [running_ip(i) for i in range(len(names))]
+    trainers = TrainerStandIn(ips, progress_port, args.running_step_seconds)
+    trainers.start()
+    try:
+        clock.threads["trainer_stand_in"] = trainers.native_id or 0
+        return _running(
+            server, recorder, stand_in, names, ips, trainers, args, clock, alive, profile_pid
+        )
+    finally:
+        trainers.stop()
+        clock.threads.pop("trainer_stand_in", None)
+
+
+def _running(
+    server: EmulatorServer,
+    recorder: Recorder,
+    stand_in: JobStandIn,
+    names: list[str],
+    ips: list[str],
+    trainers: TrainerStandIn,
+    args: argparse.Namespace,
+    clock: CpuClock,
+    alive: Callable[[], bool],
+    profile_pid: int | None,
+) -> dict[str, Any]:
+    # -- ramp: every pod Running, every job's status at step 1 ------------------------------
+    ramp = time.monotonic()
+    started: dict[str, float] = {}
+    for name, ip in zip(names, ips, strict=True):
+        started[name] = time.monotonic()
+        start_pod(stand_in, name, ip)
+    pods_s = time.monotonic() - ramp
+
+    def reporting() -> bool:
+        return alive() and all(recorder.steps.get(n) for n in names)
+
+    if not wait_until(reporting, args.timeout, 0.2):
+        missing = [n for n in names if not recorder.steps.get(n)]
+        found = {n: describe(server, stand_in, n) for n in missing[:5]}
+        raise RuntimeError(f"{len(missing)} running jobs never reported progress: {found}")
+    ramp_s = time.monotonic() - ramp
+    first_report = [min(recorder.steps[n].values()) - started[n] for n in names]
+
+    # -- the window: every trainer steps on its own clock ----------------------------------
+    result: dict[str, Any] = {}
+    profiler = start_py_spy(args, profile_pid, len(names), "running") if profile_pid else None
+    requests0 = operator_requests(server)
+    gets0 = trainers.gets
+    cpu0 = clock.read()
+    begin = cpu0["wall"]
+    end = begin + args.running_seconds
+    trainers.open(begin, end)
+    while (left := end - time.monotonic()) > 0:
+        alive()
+        time.sleep(min(1.0, left))
+    cpu1 = clock.read()
+    gets1 = trainers.gets
+    requests1 = operator_requests(server)
+    stop_py_spy(profiler, result)
+    window = CpuClock.delta(cpu0, cpu1)
+    wall = max(window["wall"], 1e-9)
+
+    # -- drain: the steps stopped at ``end``; wait for the last ones to reach the status ----
+    visible = {n: trainers.visible(ip) for n, ip in zip(names, ips, strict=True)}
+    last = {n: max(v, default=1) for n, v in visible.items()}
+
+    def caught_up() -> bool:
+        return alive() and all(max(recorder.steps[n], default=0) >= last[n] for n in names)
+
+    drain_timeout = max(30.0, 4 * args.progress_interval + 10)
+    drained = wait_until(caught_up, drain_timeout, 0.2)
+    drain_s = time.monotonic() - end
+
+    latencies: list[float] = []
+    unreported = 0
+    for name in names:
+        reported = recorder.steps[name]  # step → first time the status showed it
+        for step, at in visible[name].items():
+            times = [t for s, t in reported.items() if s >= step and t >= at]
+            if times:
+                latencies.append(min(times) - at)
+            else:
+                unreported += 1
+    requests = requests1 - requests0
+    total_requests = sum(requests.values())
+    latency = summary_ms(latencies)
+    result = {
+        "jobs": len(names),
+        "seconds": args.running_seconds,
+        "progress_interval": args.progress_interval,
+        "progress_interval_from": args.progress_interval_from,
+        "step_seconds": args.running_step_seconds,
+        "ramp": {
+            "pods_running_s": round(pods_s, 2),
+            "all_reporting_s": round(ramp_s, 2),
+            "pod_running_to_first_progress": summary_ms(first_report),
+        },
+        "steps_visible": sum(len(v) for v in visible.values()),
+        "steps_unreported": unreported,
+        "drained": drained,
+        "drain_s": round(drain_s, 2),
+        "step_to_status": latency,
+        "cpu_s": window,
+        "core_share": {k: round(v / wall, 3) for k, v in window.items() if k != "wall"},
+        "operator_requests": dict(sorted(requests.items())),
+        "operator_requests_per_s": round(total_requests / wall, 1),
+        "trainer_gets": gets1 - gets0,
+        "trainer_gets_per_s": round((gets1 - gets0) / wall, 1),
+        # the operator's CPU per trainer poll (its GET, the status PATCH when the step
+        # moved, the watch event of that PATCH, and its share of the resync)
+        "operator_cpu_ms_per_poll": round(1000 * window["operator"] / max(gets1 - gets0, 1), 2),
+        "poll_gap": summary_ms(trainers.gaps),
+        "trainer_errors": trainers.errors[:5],
+        **result,  # py_spy, when profiled
+    }
+    result["targets"] = {
+        "step_to_status_p95_le_15s": (latency["p95_ms"] or 1e12)
+        <= 1000 * TARGET_RUNNING_STEP_P95_S,
+        "operator_core_le_0.25": result["core_share"]["operator"] <= TARGET_RUNNING_CORE,
+    }
+    return result
 
 
 def describe(server: EmulatorServer, stand_in: JobStandIn, name: str) -> str:
@@ -863,6 +1185,22 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 result["finish"] = finish_phase(server, recorder, stand_in, progress_names, args)
                 result["finish"]["cpu_s"] = CpuClock.delta(cpu3, clock.read())
 
+        # -- running: K jobs running and reporting at once --------------------------------
+        busy = set(progress_names if args.progress_rounds else ())
+        running_names = [name for name in names if name not in busy][: args.running_jobs]
+        if running_names:
+            result["running"] = running_phase(
+                server,
+                recorder,
+                stand_in,
+                running_names,
+                args,
+                clock,
+                alive,
+                progress_port,
+                proc.pid,
+            )
+
         result["peak_rss_mb"] = round(sampler.peak / MB, 1)
         result["rss_samples"] = sampler.samples
         result["total_cpu_s"] = round(sum(operator.cpu_times()[:2]), 2)
@@ -873,6 +1211,9 @@ def run_one(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "peak_rss_le_300mb": result["peak_rss_mb"] <= TARGET_PEAK_RSS_MB,
             "apply_to_job_p50_le_150ms": (result["apply_to_job"]["p50_ms"] or 1e9) <= TARGET_P50_MS,
         }
+        if len(running_names) >= 1000:  # the issue's "1,000 jobs running and reporting"
+            for key, ok in result["running"]["targets"].items():
+                result["targets"][f"running_{key}"] = ok
     return result
 
 
@@ -895,13 +1236,16 @@ def log_tail(path: Path, lines: int = 30) -> str:
 # --------------------------------------------------------------------------- py-spy
 
 
-def start_py_spy(args: argparse.Namespace, pid: int, n: int) -> tuple[Any, Path] | None:
+def start_py_spy(
+    args: argparse.Namespace, pid: int, n: int, phase: str = ""
+) -> tuple[Any, Path] | None:
     if not args.py_spy:
         return None
     binary = args.py_spy_bin or shutil.which("py-spy")
+    binary = binary or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if not binary:
         raise SystemExit("--py-spy: no py-spy found (pip install py-spy, or --py-spy-bin)")
-    out = Path(args.py_spy) / f"operator-{n}.txt"
+    out = Path(args.py_spy) / f"operator-{n}{phase and '-' + phase}.txt"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = [binary, "record", "--pid", str(pid), "--format", "raw", "--output", str(out)]
     command += ["--rate", "100", "--gil", "--nonblocking"]  # where the CPU goes
@@ -975,6 +1319,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
     def progress(key: str) -> Callable[[dict[str, Any]], Any]:
         return lambda r: r.get("progress", {}).get("step_to_status", {}).get(key)
 
+    def running(
+        get: Callable[[dict[str, Any]], Any], scale: float = 1.0
+    ) -> Callable[[dict[str, Any]], Any]:
+        def value(r: dict[str, Any]) -> Any:
+            if "running" not in r or (v := get(r["running"])) is None:
+                return None
+            return round(v / scale, 2) if scale != 1.0 else v
+
+        return value
+
     columns: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
         ("jobs", lambda r: r["jobs"]),
         ("all Jobs s", lambda r: r["all_jobs_s"]),
@@ -992,6 +1346,12 @@ def print_table(results: list[dict[str, Any]]) -> None:
         ("total CPU s", lambda r: r["total_cpu_s"]),
         ("step p50 ms", progress("p50_ms")),
         ("p95", progress("p95_ms")),
+        ("run jobs", lambda r: r.get("running", {}).get("jobs")),
+        ("run step p50 s", running(lambda x: x["step_to_status"]["p50_ms"], 1000)),
+        ("p95 s", running(lambda x: x["step_to_status"]["p95_ms"], 1000)),
+        ("max s", running(lambda x: x["step_to_status"]["max_ms"], 1000)),
+        ("run op core", running(lambda x: x["core_share"]["operator"])),
+        ("run req/s", running(lambda x: x["operator_requests_per_s"])),
         (
             "done p50 ms",
             lambda r: r.get("finish", {}).get("complete_to_succeeded", {}).get("p50_ms"),
@@ -1009,7 +1369,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
         "of one core used by the operator / the emulator / the bench's Job-controller stand-in, "
         "from the first apply until all attempt Jobs existed; req/job: the operator's API "
         "requests per job until it went quiet; total CPU s: the operator's, start to end; "
-        "step: trainer step bump → status.progress.step; done: Job Complete → job Succeeded"
+        "step: trainer step bump → status.progress.step; done: Job Complete → job Succeeded; "
+        "run: the running phase (--running-jobs), run step: a step visible at the trainer "
+        "endpoint → status.progress.step ≥ it, run op core: the operator's share of a core "
+        "and run req/s: its API requests per second, over --running-seconds"
     )
 
 
@@ -1023,8 +1386,26 @@ def _verdict(result: dict[str, Any]) -> str:
     return verdict
 
 
+EPILOG = """\
+With --running-jobs K (after the other phases; jobs of the progress phase excluded when it
+runs), the table's "run" columns and the JSON's results[].running give, over
+--running-seconds: step_to_status (a step visible at its trainer's endpoint → the job's
+committed status.progress.step ≥ it; p50/p95/max ms over all jobs and steps; issue 12:
+p95 ≤ 15 s with 1,000 jobs), core_share (operator ≤ 0.25 core with 1,000 jobs),
+operator_requests(_per_s), operator_cpu_ms_per_poll, trainer_gets(_per_s), poll_gap (two
+GETs of one trainer apart), steps_visible / steps_unreported, the ramp to all reporting,
+and progress_interval with where it came from (progress_interval_from)."""
+
+
+def operator_default_progress_interval() -> float:
+    """The ``kubetune operator`` CLI's default ``--progress-interval`` (this checkout's)."""
+    from kubetune_operator.cli import build_parser
+
+    return float(build_parser().parse_args(["operator"]).progress_interval)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
     parser.add_argument(
         "--jobs", default="100,500,1000", help="comma-separated job counts (default 100,500,1000)"
     )
@@ -1041,7 +1422,27 @@ def main(argv: list[str] | None = None) -> int:
         help="after progress, do not end the progress jobs (pods Succeeded, Jobs Complete)",
     )
     parser.add_argument(
-        "--progress-interval", type=float, default=1.0, help="operator --progress-interval"
+        "--progress-interval",
+        type=float,
+        default=None,
+        help="operator --progress-interval (default: 1 s, or with --running-jobs the "
+        "operator's own default, the flag not passed)",
+    )
+    parser.add_argument(
+        "--running-jobs",
+        type=int,
+        default=0,
+        help="after the other phases, K jobs running and reporting at once (default 0: "
+        "off); their trainers' endpoints are served by one stand-in at pod IPs 127.1.x.y",
+    )
+    parser.add_argument(
+        "--running-seconds", type=float, default=120.0, help="length of the running window"
+    )
+    parser.add_argument(
+        "--running-step-seconds",
+        type=float,
+        default=3.0,
+        help="each running trainer's seconds per step (staggered; default 3)",
     )
     parser.add_argument(
         "--resync-interval", type=float, default=60.0, help="operator --resync-interval"
@@ -1060,7 +1461,11 @@ def main(argv: list[str] | None = None) -> int:
         "--operator-cmd",
         help=f"run the operator with this command instead of {KUBETUNE} (then 'operator ...')",
     )
-    parser.add_argument("--py-spy", metavar="DIR", help="profile the apply phase into DIR")
+    parser.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="profile the apply phase into DIR (and the running window, with --running-jobs)",
+    )
     parser.add_argument("--py-spy-bin", help="the py-spy executable (default: from PATH)")
     parser.add_argument(
         "--harness-emulator",
@@ -1074,6 +1479,15 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(x) for x in args.jobs.split(",") if x.strip()]
     if args.progress_jobs > 200:
         parser.error("--progress-jobs: at most 200 (pod IPs 127.0.0.10-209)")
+    if args.running_jobs > 250 * 250:
+        parser.error("--running-jobs: at most 62500 (pod IPs 127.1.0.1-127.1.249.250)")
+    if args.progress_interval is not None:
+        args.progress_interval_from = "--progress-interval"
+    elif args.running_jobs:
+        args.progress_interval = operator_default_progress_interval()
+        args.progress_interval_from = "operator default"
+    else:
+        args.progress_interval, args.progress_interval_from = 1.0, "bench default"
 
     results = []
     with tempfile.TemporaryDirectory(prefix="kubetune-scale-") as tmp:
