@@ -10,8 +10,10 @@
   watch);
 - one thread reconciles every job each ``resync_interval_seconds`` from one LIST
   (deadlines, missed events);
-- on delete (behind a finalizer): delete the attempt Jobs, which stops the trainer pods;
-  artifacts are never touched;
+- on delete: nothing to stop by hand. The attempt Jobs (and so their pods), the rank-0
+  Service and the NetworkPolicies carry the job's ownerReference, so the garbage collector
+  removes them; artifacts are never touched. No finalizer: deleting a job never waits for
+  the operator (kopf removes the ``kubetune.io/finalizer`` that older versions put on);
 - a decision is applied in order: workloads (create, suspend, delete), then its Events
   (posted here, named per transition: :mod:`~kubetune_operator.events`), then the status
   patch that records them, so a crash anywhere is healed by the next reconcile;
@@ -28,6 +30,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 import time
@@ -114,10 +117,12 @@ class Reconciler:
         self.namespaces: list[str] = []  # empty: cluster-wide
         self.jobs_index: Any = None
         self.pods_index: Any = None
-        # per job: when it was last reconciled (monotonic), and the status we last saw or
-        # wrote (the progress poller diffs against it); jobs we wrote a status for
+        # per job: when it was last reconciled (monotonic), the status we last saw or
+        # wrote (the progress poller diffs against it), the newest body we know (JSON: as
+        # read, or as our last status patch returned it); jobs we wrote a status for
         self._reconciled: dict[tuple[str, str], float] = {}
         self._status: dict[tuple[str, str], dict[str, Any]] = {}
+        self._bodies: dict[tuple[str, str], bytes] = {}
         self._written: set[tuple[str, str]] = set()
         self.instance = reporting_instance()  # the Events' reportingInstance
         self._stop = threading.Event()
@@ -134,12 +139,17 @@ class Reconciler:
         logger: logging.Logger | Any,
         body: dict[str, Any] | None = None,
     ) -> None:
-        """Reconcile one job. ``body`` (from a watch event) is used only while this
-        operator has written no status for the job: then nothing newer can exist that we
-        caused; otherwise the job is read live."""
+        """Reconcile one job. ``body`` (from a watch event of the job) is used only while
+        this operator has written no status for the job: then nothing newer can exist that
+        we caused; otherwise the job is read live. Without ``body`` (an attempt Job's or a
+        pod's event, a wake-up) the job is the newest body we know: what our last status
+        patch returned, or what we last read (only this operator writes the status; a
+        spec change brings its own event, and the resync refreshes metadata)."""
         key = (namespace, name)
         with self._locks[key], self.metrics.reconcile_seconds.time():
-            if body is None or key in self._written:
+            if body is None and key in self._bodies:
+                body = json.loads(self._bodies[key])
+            elif body is None or key in self._written:
                 body = self.api.get_job(namespace, name)
             self._reconcile_locked(body, logger)
         self._wake_freed()
@@ -148,6 +158,7 @@ class Reconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        self._remember(body)
         jobs, pods = self._workloads(namespace, name, body)
         latest = max(jobs, key=_attempt, default=None)
         workloads: list[dict[str, Any]] = []
@@ -222,7 +233,7 @@ class Reconciler:
         old = body.get("status") or {}
         patch = {k: v for k, v in decision.status.items() if old.get(k) != v}
         if patch:
-            self.api.patch_job_status(namespace, name, patch)
+            self._remember(self.api.patch_job_status(namespace, name, patch), key)
             self._written.add(key)
             # Counted once written: the next reconcile reads it back as its ``old``.
             self.metrics.observe_gpu_seconds(
@@ -242,12 +253,26 @@ class Reconciler:
             if not self.api.post_event(namespace, manifest):
                 logger.info(f"event {manifest['metadata']['name']} was already posted")
 
+    def _remember(self, body: dict[str, Any] | None, key: tuple[str, str] | None = None) -> None:
+        """Keep ``body`` as the job's newest known state (compact JSON: thousands of jobs).
+        None (a status patch that returned no job): forget the job's, so that the next
+        reconcile reads it live rather than from a body older than that write."""
+        if body is None:
+            if key is not None:
+                self._bodies.pop(key, None)
+            return
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        self._bodies[key] = json.dumps(body, separators=(",", ":")).encode()
+
     def forget(self, namespace: str, name: str) -> None:
+        """The job is gone: drop what we kept of it, and give its concurrency slot away
+        (its workloads go with it: they carry its ownerReference)."""
         key = (namespace, name)
-        for table in (self._reconciled, self._status):
+        for table in (self._reconciled, self._status, self._bodies):
             table.pop(key, None)
         self._written.discard(key)
         self.metrics.forget(namespace, name)
+        self.wake(namespace)
 
     # -- sweeps -----------------------------------------------------------------------------
     def reconcile_sweep(self, namespace: str, name: str, logger: logging.Logger | Any) -> None:
@@ -314,18 +339,10 @@ class Reconciler:
                 return  # reconciled meanwhile into another state (or deleted)
             patch = changed_fields(status, status_from_progress(report, now_rfc3339()))
             if patch:
-                self.api.patch_job_status(namespace, name, patch)
+                self._remember(self.api.patch_job_status(namespace, name, patch), key)
                 self._written.add(key)
                 self._status[key] = {**status, **patch}
                 self.metrics.observe_status(namespace, name, {**status, **patch})
-
-    def stop(self, namespace: str, name: str, logger: Any) -> None:
-        for job in self.api.list_jobs(namespace, name):
-            if not job["metadata"].get("deletionTimestamp"):
-                self.api.delete_job(namespace, job["metadata"]["name"])
-                logger.info(f"job {job['metadata']['name']} deleted with its FineTuneJob")
-        self.forget(namespace, name)
-        self.wake(namespace)  # its slot is free
 
     # -- the two loops: resync of all jobs, progress of the running ones ----------------------
 
@@ -456,9 +473,15 @@ def _is_running_rank0(pod: dict[str, Any]) -> bool:
 def _spec_changed(body: Any) -> bool:
     """A FineTuneJob change worth a reconcile: its spec (generation) is newer than the
     status says was reconciled. Status-only and metadata-only changes (our own status
-    writes, kopf's finalizer, a sweep's annotations) are not; the resync covers the rest."""
+    writes, a sweep's annotations) are not; the resync covers the rest."""
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     return meta.get("generation") != status.get("observedGeneration")
+
+
+def _worth_handling(event: dict[str, Any], body: Any, **_: Any) -> bool:
+    """kopf's filter for FineTuneJob events, so that our own status writes (most events)
+    cost kopf no handler call: creation, the first listing, a spec change, deletion."""
+    return event.get("type") != "MODIFIED" or _spec_changed(body)
 
 
 def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
@@ -498,7 +521,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     def stop_loops(**_: Any) -> None:
         reconciler.stop_loops()
 
-    @kopf.on.event(**job)
+    @kopf.on.event(**job, when=_worth_handling)
     def job_changed(
         event: dict[str, Any], body: Any, namespace: str, name: str, logger: Any, **kw: Any
     ) -> None:
@@ -507,8 +530,6 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         kind = event.get("type")
         if kind == "DELETED":
             reconciler.forget(namespace, name)
-            return
-        if kind == "MODIFIED" and not _spec_changed(body):
             return
         reconciler.reconcile(namespace, name, logger, body=copy.deepcopy(dict(body)))
 
@@ -520,10 +541,6 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         job_name = labels.get(JOB_LABEL)
         if job_name:
             reconciler.reconcile(namespace, job_name, logger)
-
-    @kopf.on.delete(**job)
-    def job_deleted(namespace: str, name: str, logger: Any, **_: Any) -> None:
-        reconciler.stop(namespace, name, logger)
 
     config = reconciler.config
     sweep = {"group": GROUP, "version": VERSION, "plural": SWEEP_PLURAL, "registry": registry}
@@ -550,6 +567,8 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
 
 def configure(settings: kopf.OperatorSettings) -> None:
     """Explicit kopf settings (used by `kubetune operator` and by the tests)."""
+    # FineTuneJobs get no finalizer (no on.delete handler); kopf removes this one, which
+    # older versions put on, from jobs that still carry it. Sweeps keep it (their timer).
     settings.persistence.finalizer = FINALIZER
     # The operator posts its Events itself (kubetune_operator.events: named per
     # transition, before the status records it); kopf posts none.

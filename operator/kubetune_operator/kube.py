@@ -11,6 +11,7 @@ No Secrets, ever.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -79,10 +80,13 @@ class KubeApi:
                 return None
             raise
 
-    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Merge-patch the status; a job deleted meanwhile is not an error."""
+    def patch_job_status(
+        self, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge-patch the status and return the job as written; a job deleted meanwhile
+        is not an error (None)."""
         try:
-            self._call(
+            return self._call(
                 "patch_job_status",
                 lambda: self.custom.patch_namespaced_custom_object_status(
                     GROUP, VERSION, namespace, PLURAL, name, {"status": status}
@@ -91,6 +95,7 @@ class KubeApi:
         except ApiException as error:
             if error.status != 404:
                 raise
+            return None
 
     def list_all_jobs(self, namespaces: list[str]) -> list[dict[str, Any]]:
         """Every FineTuneJob in ``namespaces`` (empty: cluster-wide), for the resync."""
@@ -155,7 +160,7 @@ class KubeApi:
         return self._create(
             "create_trial",
             lambda: self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, manifest
+                GROUP, VERSION, namespace, PLURAL, manifest, _preload_content=False
             ),
         )
 
@@ -172,39 +177,37 @@ class KubeApi:
             if error.status != 404:
                 raise
 
-    def _plain(self, objects: Any) -> list[dict[str, Any]]:
-        return [self.core.api_client.sanitize_for_serialization(o) for o in objects.items]
+    def _items(self, operation: str, call: Callable[[], Any]) -> list[dict[str, Any]]:
+        """A LIST's items as the API server sent them (JSON), not through the client's
+        models and back: at scale that round trip was most of a LIST's cost."""
+        return list((_raw(self._call(operation, call)) or {}).get("items") or [])
 
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         """The trainer pods of every attempt of one FineTuneJob."""
-        return self._plain(
-            self._call(
-                "list_pods",
-                lambda: self.core.list_namespaced_pod(
-                    namespace, label_selector=job_selector(job_name)
-                ),
-            )
+        return self._items(
+            "list_pods",
+            lambda: self.core.list_namespaced_pod(
+                namespace, label_selector=job_selector(job_name), _preload_content=False
+            ),
         )
 
     def list_jobs(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         """The attempt Jobs of one FineTuneJob."""
-        return self._plain(
-            self._call(
-                "list_jobs",
-                lambda: self.batch.list_namespaced_job(
-                    namespace, label_selector=job_selector(job_name)
-                ),
-            )
+        return self._items(
+            "list_jobs",
+            lambda: self.batch.list_namespaced_job(
+                namespace, label_selector=job_selector(job_name), _preload_content=False
+            ),
         )
 
     def list_attempt_jobs(self, namespace: str) -> list[dict[str, Any]]:
         """Every attempt Job of the namespace (for its FineTunePolicy's maxConcurrentJobs)."""
         selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
-        return self._plain(
-            self._call(
-                "list_attempt_jobs",
-                lambda: self.batch.list_namespaced_job(namespace, label_selector=selector),
-            )
+        return self._items(
+            "list_attempt_jobs",
+            lambda: self.batch.list_namespaced_job(
+                namespace, label_selector=selector, _preload_content=False
+            ),
         )
 
     def list_policies(self, namespace: str) -> list[dict[str, Any]]:
@@ -246,18 +249,24 @@ class KubeApi:
     def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create an attempt Job; False when it already exists (a repeated reconcile)."""
         return self._create(
-            "create_job", lambda: self.batch.create_namespaced_job(namespace, manifest)
+            "create_job",
+            lambda: self.batch.create_namespaced_job(namespace, manifest, _preload_content=False),
         )
 
     def create_service(self, namespace: str, manifest: dict[str, Any]) -> bool:
         """Create the rank-0 Service; False when it already exists."""
         return self._create(
-            "create_service", lambda: self.core.create_namespaced_service(namespace, manifest)
+            "create_service",
+            lambda: self.core.create_namespaced_service(
+                namespace, manifest, _preload_content=False
+            ),
         )
 
     def _create(self, operation: str, call: Callable[[], Any]) -> bool:
+        """``call`` (made with ``_preload_content=False``: the answer is not needed, and
+        the client's models would cost more than the request)."""
         try:
-            self._call(operation, call)
+            _raw(self._call(operation, call))
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -268,17 +277,20 @@ class KubeApi:
         """Create a core/v1 Event; False when one of that name exists (posted before a
         crash: see :mod:`kubetune_operator.events`)."""
         return self._create(
-            "post_event", lambda: self.core.create_namespaced_event(namespace, manifest)
+            "post_event",
+            lambda: self.core.create_namespaced_event(namespace, manifest, _preload_content=False),
         )
 
     def suspend_job(self, namespace: str, name: str) -> None:
         """Suspend a Job: the Job controller stops its pods (the trainer checkpoints)."""
         try:
-            self._call(
-                "patch_job",
-                lambda: self.batch.patch_namespaced_job(
-                    name, namespace, {"spec": {"suspend": True}}
-                ),
+            _raw(
+                self._call(
+                    "patch_job",
+                    lambda: self.batch.patch_namespaced_job(
+                        name, namespace, {"spec": {"suspend": True}}, _preload_content=False
+                    ),
+                )
             )
         except ApiException as error:
             if error.status != 404:
@@ -287,11 +299,13 @@ class KubeApi:
     def delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job and (in the background) its pods, which get their grace period."""
         try:
-            self._call(
-                "delete_job",
-                lambda: self.batch.delete_namespaced_job(
-                    name, namespace, propagation_policy="Background"
-                ),
+            _raw(
+                self._call(
+                    "delete_job",
+                    lambda: self.batch.delete_namespaced_job(
+                        name, namespace, propagation_policy="Background", _preload_content=False
+                    ),
+                )
             )
         except ApiException as error:
             if error.status != 404:
@@ -301,23 +315,40 @@ class KubeApi:
         """Create an attempt's NetworkPolicy; False when it already exists."""
         return self._create(
             "create_network_policy",
-            lambda: self.networking.create_namespaced_network_policy(namespace, manifest),
+            lambda: self.networking.create_namespaced_network_policy(
+                namespace, manifest, _preload_content=False
+            ),
         )
 
     def delete_network_policy(self, namespace: str, name: str) -> None:
         """Delete an attempt's NetworkPolicy (TTL cleanup); one already gone is no error."""
         self._delete(
             "delete_network_policy",
-            lambda: self.networking.delete_namespaced_network_policy(name, namespace),
+            lambda: self.networking.delete_namespaced_network_policy(
+                name, namespace, _preload_content=False
+            ),
         )
 
     def delete_service(self, namespace: str, name: str) -> None:
         """Delete a job's rank-0 Service (TTL cleanup); one already gone is no error."""
-        self._delete("delete_service", lambda: self.core.delete_namespaced_service(name, namespace))
+        self._delete(
+            "delete_service",
+            lambda: self.core.delete_namespaced_service(name, namespace, _preload_content=False),
+        )
 
     def _delete(self, operation: str, call: Callable[[], Any]) -> None:
         try:
-            self._call(operation, call)
+            _raw(self._call(operation, call))
         except ApiException as error:
             if error.status != 404:
                 raise
+
+
+def _raw(response: Any) -> Any:
+    """The JSON of an answer requested with ``_preload_content=False`` (read, and the
+    connection given back to the pool)."""
+    try:
+        data = response.data
+    finally:
+        response.release_conn()
+    return json.loads(data) if data else None

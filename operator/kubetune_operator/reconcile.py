@@ -742,9 +742,13 @@ def _pending_reason(attempt: AttemptView) -> tuple[str, str]:
         reason = _pod_pending_reason(pod)
         if reason is not None:
             return reason
-    if not attempt.live_pods:
-        return "Pending", f"attempt {attempt.attempt} is waiting for its pods"
-    return "Pending", f"attempt {attempt.attempt} is waiting to start"
+    return "Pending", waiting_to_start(attempt.attempt)
+
+
+def waiting_to_start(attempt: int) -> str:
+    """A new attempt's message, with or without its pods yet: the status written with the
+    attempt's Job is the one its Job's and pods' events compute, so they write nothing."""
+    return f"attempt {attempt} created, waiting to start"
 
 
 def _pod_pending_reason(pod: PodView) -> tuple[str, str] | None:
@@ -809,8 +813,8 @@ def _start_attempt(
         return b.finish()
     if retry is not None:
         return _retrying(b, *retry)
-    b.condition(c.RUNNING, False, "Pending", f"attempt {attempt} created")
-    b.state("Pending", "AttemptCreated", f"attempt {attempt} created", action="CreateAttempt")
+    b.condition(c.RUNNING, False, "Pending", waiting_to_start(attempt))
+    b.state("Pending", "AttemptCreated", waiting_to_start(attempt), action="CreateAttempt")
     return b.finish()
 
 

@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from seaweedfs import SeaweedFS
 
 from kubetune_operator.api.types import GROUP, PLURAL, VERSION
-from kubetune_operator.handlers import FINALIZER, OperatorConfig
+from kubetune_operator.handlers import OperatorConfig
 from kubetune_operator.runner import Operator, OperatorOptions, OperatorThread
 from kubetune_trainer.storage import Store, open_store
 
@@ -181,16 +181,6 @@ class Cluster:
                 return job
             time.sleep(0.2)
         raise AssertionError(f"{namespace}/{name} never reached {what}; last: {job}")
-
-    def wait_for_finalizer(self, name: str, namespace: str = "default") -> dict[str, Any]:
-        """Wait until the operator has put its finalizer on the job (it then owns deletion)."""
-        return self.wait(
-            name,
-            lambda j: FINALIZER in (j["metadata"].get("finalizers") or []),
-            "the operator's finalizer",
-            namespace,
-            timeout=30,
-        )
 
     def wait_state(self, name: str, state: str, namespace: str = "default", **kw: Any) -> dict:
         return self.wait(

@@ -18,6 +18,7 @@ from chart_helpers import chart_rbac_rules
 from conftest import Cluster
 from harness import OPERATOR_USER, EmulatorServer, JobController, Kubelet, Kueue
 
+from kubetune_operator.handlers import FINALIZER
 from kubetune_operator.workload import NetworkPolicyConfig
 
 pytestmark = pytest.mark.e2e
@@ -122,9 +123,12 @@ def test_operator_uses_exactly_what_the_chart_grants(
             cluster.wait_state("paused", "Running", timeout=30)
             cluster.patch_spec("paused", {"suspend": True})
             cluster.wait_state("paused", "Suspended", timeout=30)
-            cluster.apply(cluster.tiny_job("running", image="fake:sleep"))
+            running = cluster.tiny_job("running", image="fake:sleep")
+            running["metadata"]["finalizers"] = [FINALIZER]  # as earlier versions put on
+            cluster.apply(running)
             cluster.wait_state("running", "Running", timeout=30)
-            cluster.wait_for_finalizer("running")
+            # kopf takes it off (a patch of the job): deleting never waits for the operator
+            cluster.wait("running", lambda j: not j["metadata"].get("finalizers"), "no finalizer")
             cluster.delete("running")
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and cluster.get("running") is not None:

@@ -4,10 +4,17 @@ must never make the operator start a second one); which model cache attempt pods
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
-from kubetune_operator.handlers import OperatorConfig, Reconciler, _slim, _spec_changed
+from kubetune_operator.handlers import (
+    OperatorConfig,
+    Reconciler,
+    _slim,
+    _spec_changed,
+    _worth_handling,
+)
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.workload import ATTEMPT_LABEL, JOB_LABEL, NetworkPolicyConfig
 
@@ -47,6 +54,15 @@ def test_only_spec_changes_reconcile_a_modified_job() -> None:
     assert not _spec_changed({"metadata": {"generation": 2}, "status": {"observedGeneration": 2}})
     assert _spec_changed({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}})
     assert _spec_changed({"metadata": {"generation": 1}})  # never reconciled
+
+
+def test_kopf_calls_the_job_handler_for_creation_spec_changes_and_deletion_only() -> None:
+    ours = {"metadata": {"generation": 2}, "status": {"observedGeneration": 2}}
+    edited = {"metadata": {"generation": 3}, "status": {"observedGeneration": 2}}
+    assert not _worth_handling({"type": "MODIFIED"}, ours)  # our own status write
+    assert _worth_handling({"type": "MODIFIED"}, edited)
+    for kind in (None, "ADDED", "DELETED"):  # None: the first listing
+        assert _worth_handling({"type": kind}, ours)
 
 
 def test_index_behind_the_status_falls_back_to_a_live_list() -> None:
@@ -228,3 +244,40 @@ def test_the_operators_trainer_uid_reaches_the_attempt_pods() -> None:
     assert security(OperatorConfig())["runAsUser"] == 10001
     assert security(OperatorConfig(trainer_uid=2000))["fsGroup"] == 2000
     assert "runAsUser" not in security(OperatorConfig(trainer_uid=None))
+
+
+class ServerApi(CreatingApi):
+    """Keeps the job as the API server would (status merge-patches), counts its GETs."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__([])
+        self.body, self.gets, self.patches = copy.deepcopy(body), 0, 0
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any]:
+        self.gets += 1
+        return copy.deepcopy(self.body)
+
+    def patch_job_status(self, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        self.patches += 1
+        self.body["status"] = {**(self.body.get("status") or {}), **status}
+        return copy.deepcopy(self.body)
+
+
+def test_workload_events_reconcile_from_the_status_last_written_without_a_get() -> None:
+    api = ServerApi(JOB_BODY)
+    reconciler = Reconciler(api, OperatorConfig(), OperatorMetrics())  # type: ignore[arg-type]
+    reconciler.reconcile("ns", "j", logging.getLogger("test"), body=copy.deepcopy(JOB_BODY))
+    assert (api.gets, api.patches, len(api.created)) == (0, 1, 1)
+    attempt = {**api.created[0], "status": {}}
+    api.jobs = [attempt]
+    reconciler.jobs_index, reconciler.pods_index = {("ns", "j"): [attempt]}, {}
+    # The attempt Job's event: the job as our patch returned it, not a GET, and nothing
+    # to write (the status written with the attempt is what its Job's event computes).
+    reconciler.reconcile("ns", "j", logging.getLogger("test"))
+    assert (api.gets, api.patches, len(api.created)) == (0, 1, 1)
+    # A watch event of the job itself may be older than our write: read live.
+    reconciler.reconcile("ns", "j", logging.getLogger("test"), body=copy.deepcopy(JOB_BODY))
+    assert (api.gets, api.patches, len(api.created)) == (1, 1, 1)
+    # Deleted: nothing of it is kept.
+    reconciler.forget("ns", "j")
+    assert not reconciler._bodies and not reconciler._status

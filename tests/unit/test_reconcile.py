@@ -175,7 +175,14 @@ def test_existing_attempt_is_observed_not_recreated() -> None:
     again = reconcile(_job(first.status), [_attempt(1)], [], image=IMAGE, now=NOW)
     assert again.create_job is None
     assert again.events == []  # nothing new to say
-    assert again.status["message"] == "attempt 1 is waiting for its pods"
+    assert again.status["message"] == "attempt 1 created, waiting to start"
+    # What the attempt's creation wrote is what its Job's and its pod's events compute:
+    # neither writes the status again.
+    assert again.status == first.status
+    pods = [_pod(1, "Pending")]
+    pending = reconcile(_job(first.status), [_attempt(1)], pods, image=IMAGE, now=NOW)
+    assert pending.status == first.status and pending.events == []
+    assert [e.message for e in first.events] == ["attempt 1 created, waiting to start"]
 
 
 def test_running_pod_sets_running_state() -> None:
