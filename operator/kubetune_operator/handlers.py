@@ -159,24 +159,16 @@ class Reconciler:
             return
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         self._remember(body)
-        jobs, pods = self._workloads(namespace, name, body)
-        latest = max(jobs, key=_attempt, default=None)
-        workloads: list[dict[str, Any]] = []
-        if latest is not None and _waits_in_queue(latest):
-            workloads = self.api.list_workloads(namespace, latest["metadata"].get("uid", ""))
+        jobs, pods, indexed = self._workloads(namespace, name, body)
         policies = self.tenancy.policies(namespace)
         with self.tenancy.slots(body, jobs, policies) as slots:  # locks the namespace if set
-            decision = reconcile(
-                body,
-                jobs,
-                pods,
-                workloads,
-                image=self.config.image,
-                policies=policies,
-                slots=slots,
-                ttl_seconds_after_finished=self.config.ttl_seconds_after_finished,
-                gpu_products=self.config.gpu_products,
-            )
+            decision = self._decide(body, jobs, pods, policies, slots)
+            if indexed and _acts(body, decision):
+                # An ended job decided from the indexes (every resync, for as long as it
+                # exists) acts only on what a live read confirms: a stale index must
+                # never make it delete, or rewrite its status.
+                jobs, pods = self._live_workloads(namespace, name)
+                decision = self._decide(body, jobs, pods, policies, slots)
             claim = model_cache_claim(policies) or self.config.model_cache_claim
             if decision.create_job is not None and claim:
                 decision.create_job = with_model_cache(decision.create_job, claim)
@@ -186,21 +178,54 @@ class Reconciler:
         self.tenancy.note(namespace, body.get("status") or {}, decision.status)
         self._reconciled[(namespace, name)] = time.monotonic()
 
+    def _decide(
+        self,
+        body: dict[str, Any],
+        jobs: list[dict[str, Any]],
+        pods: list[dict[str, Any]],
+        policies: list[Any],
+        slots: Any,
+    ) -> Decision:
+        latest = max(jobs, key=_attempt, default=None)
+        workloads: list[dict[str, Any]] = []
+        if latest is not None and _waits_in_queue(latest):
+            uid = latest["metadata"].get("uid", "")
+            workloads = self.api.list_workloads(body["metadata"]["namespace"], uid)
+        return reconcile(
+            body,
+            jobs,
+            pods,
+            workloads,
+            image=self.config.image,
+            policies=policies,
+            slots=slots,
+            ttl_seconds_after_finished=self.config.ttl_seconds_after_finished,
+            gpu_products=self.config.gpu_products,
+        )
+
     def _workloads(
         self, namespace: str, name: str, body: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The job's attempt Jobs and pods: from the indexes when they can be trusted."""
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+        """The job's attempt Jobs and pods, from the indexes when they can be trusted, and
+        whether they came from the indexes for a job that has ended (whose decision then
+        acts only after a live read: see :func:`_acts`)."""
         if self.jobs_index is not None and self.pods_index is not None:
             key = (namespace, name)
             jobs = list(self.jobs_index.get(key) or ())
             pods = list(self.pods_index.get(key) or ())
+            status = body.get("status") or {}
+            if status.get("state") in TERMINAL_STATES:
+                return jobs, pods, True
             latest = max(jobs, key=_attempt, default=None)
             known = _attempt(latest) if latest is not None else 0
-            status = body.get("status") or {}
             attempts = int(status.get("attempts") or 0)
-            ended = status.get("state") in TERMINAL_STATES  # (rare) decisions that delete
-            if known >= attempts and not ended and (latest is None or not _finished(latest)):
-                return jobs, pods
+            if known >= attempts and (latest is None or not _finished(latest)):
+                return jobs, pods, False
+        return (*self._live_workloads(namespace, name), False)
+
+    def _live_workloads(
+        self, namespace: str, name: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return self.api.list_jobs(namespace, name), self.api.list_pods(namespace, name)
 
     def _apply(self, body: dict[str, Any], decision: Decision, logger: Any) -> None:
@@ -422,6 +447,22 @@ class Reconciler:
             elif state == "Queued" and not waits_for_slot(status):  # those: woken, resynced
                 futures.append(pool.submit(self._logged, self.reconcile, namespace, name, log))
         wait(futures)
+
+
+def _acts(body: dict[str, Any], decision: Decision) -> bool:
+    """Whether ``decision`` would write anything: create, suspend or delete a workload,
+    post an Event, or change the status."""
+    old = body.get("status") or {}
+    return bool(
+        decision.create_job
+        or decision.create_service
+        or decision.suspend_jobs
+        or decision.delete_jobs
+        or decision.delete_services
+        or decision.delete_network_policies
+        or decision.events
+        or any(old.get(k) != v for k, v in decision.status.items())
+    )
 
 
 def _reason(status: dict[str, Any], type_: str) -> str | None:

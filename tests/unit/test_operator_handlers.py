@@ -69,14 +69,14 @@ def test_index_behind_the_status_falls_back_to_a_live_list() -> None:
     live = [_attempt_job(1)]
     api = FakeApi(live)
     reconciler = _reconciler(api, [])  # the index has not seen attempt 1 yet
-    jobs, _ = reconciler._workloads("ns", "j", {"status": {"attempts": 1}})
-    assert jobs == live and api.lists == 1
+    jobs, _, indexed = reconciler._workloads("ns", "j", {"status": {"attempts": 1}})
+    assert jobs == live and api.lists == 1 and not indexed
 
 
 def test_index_that_caught_up_is_used_without_a_request() -> None:
     api = FakeApi([])
     indexed = [_attempt_job(1)]
-    jobs, _ = _reconciler(api, indexed)._workloads("ns", "j", {"status": {"attempts": 1}})
+    jobs, _, _ = _reconciler(api, indexed)._workloads("ns", "j", {"status": {"attempts": 1}})
     assert jobs == indexed and api.lists == 0
 
 
@@ -86,13 +86,24 @@ def test_a_finished_attempt_is_read_live() -> None:
     assert api.lists == 1
 
 
-def test_a_finished_job_reads_its_attempts_live() -> None:
-    """The index may still show an attempt running that completed: a job that has ended
-    (its rare reconciles may delete) reads live."""
-    api = FakeApi([_attempt_job(1, "Complete")])
-    reconciler = _reconciler(api, [_attempt_job(1)])
-    jobs, _ = reconciler._workloads("ns", "j", {"status": {"attempts": 1, "state": "Failed"}})
-    assert api.lists == 1 and jobs == api.jobs
+def test_an_ended_job_is_decided_from_the_index_and_acts_only_on_a_live_read() -> None:
+    """Every resync reconciles every job, also those that ended long ago: they are decided
+    from the indexes, and only a decision that would write anything is made again from a
+    live read (the index may still show an attempt running that in fact completed)."""
+    ended = {**JOB_BODY, "status": {"attempts": 1, "state": "Failed"}}
+    api = ServerApi(ended)
+    api.jobs = [_attempt_job(1, "Complete")]
+    reconciler = _reconciler(api, [_attempt_job(1)])  # stale: attempt 1 still runs
+    jobs, _, indexed = reconciler._workloads("ns", "j", ended)
+    assert indexed and api.lists == 0 and jobs == [_attempt_job(1)]
+    reconciler.reconcile("ns", "j", logging.getLogger("test"), body=copy.deepcopy(ended))
+    # From the index alone it would stop attempt 1 (a Failed job's unfinished attempts);
+    # the live read shows it completed: nothing is deleted.
+    assert api.lists == 1 and api.deleted == []
+    settled = copy.deepcopy(api.body)
+    reconciler.jobs_index = {("ns", "j"): [_attempt_job(1, "Complete")]}  # caught up
+    reconciler.reconcile("ns", "j", logging.getLogger("test"), body=settled)
+    assert api.lists == 1  # nothing to write: no live read
 
 
 def test_index_entries_leave_out_the_pod_template() -> None:
@@ -252,6 +263,10 @@ class ServerApi(CreatingApi):
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__([])
         self.body, self.gets, self.patches = copy.deepcopy(body), 0, 0
+        self.deleted: list[str] = []
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        self.deleted.append(name)
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any]:
         self.gets += 1
