@@ -212,6 +212,10 @@ def build_model(
             f"cannot load the model in {model_dir}: {error}",
             hint="check that spec.model.source is a causal language model",
         ) from None
+    if not torch.cuda.is_available():
+        from .packing import use_packed_sdpa
+
+        use_packed_sdpa(model)  # per-example attention for packed rows (packing.py)
     if quant is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing
