@@ -293,7 +293,7 @@ class Reconciler:
         """The job is gone: drop what we kept of it, and give its concurrency slot away
         (its workloads go with it: they carry its ownerReference)."""
         key = (namespace, name)
-        for table in (self._reconciled, self._status, self._bodies):
+        for table in (self._reconciled, self._status, self._bodies, self._locks):
             table.pop(key, None)
         self._written.discard(key)
         self.metrics.forget(namespace, name)
@@ -532,20 +532,22 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     workloads = {"labels": dict(MANAGED_BY), "registry": registry}
 
     # ids: kopf passes each index to the handlers as a kwarg named by its handler's id
+    # The index functions are async (they do no I/O): kopf calls them in its event loop,
+    # where a sync function would cost a thread hand-off per event.
     @kopf.index("batch", "v1", "jobs", id="attempt_jobs", **workloads)
-    def attempt_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> Any:
+    async def attempt_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> Any:
         job_name = labels.get(JOB_LABEL)
         return {(namespace, job_name): _slim(body, ("completions", "suspend"))} if job_name else {}
 
     @kopf.index("", "v1", "pods", id="attempt_pods", **workloads)
-    def attempt_pods(namespace: str, labels: Any, body: Any, **_: Any) -> Any:
+    async def attempt_pods(namespace: str, labels: Any, body: Any, **_: Any) -> Any:
         job_name = labels.get(JOB_LABEL)
         return {(namespace, job_name): _slim(body, ())} if job_name else {}
 
     policy = {"group": GROUP, "version": VERSION, "plural": POLICY_PLURAL, "registry": registry}
 
     @kopf.index(**policy, id="tenant_policies")
-    def tenant_policies(namespace: str, body: Any, **_: Any) -> Any:
+    async def tenant_policies(namespace: str, body: Any, **_: Any) -> Any:
         return {namespace: slim_policy(copy.deepcopy(dict(body)))}
 
     @kopf.on.event(**policy)
@@ -568,11 +570,10 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     ) -> None:
         reconciler.remember_indexes(kw["attempt_jobs"], kw["attempt_pods"])
         reconciler.tenancy.index = kw["tenant_policies"]
-        kind = event.get("type")
-        if kind == "DELETED":
+        if event.get("type") == "DELETED":
             reconciler.forget(namespace, name)
-            return
-        reconciler.reconcile(namespace, name, logger, body=copy.deepcopy(dict(body)))
+        else:
+            reconciler.reconcile(namespace, name, logger, body=copy.deepcopy(dict(body)))
 
     @kopf.on.event("batch", "v1", "jobs", **workloads)
     @kopf.on.event("", "v1", "pods", **workloads)
@@ -606,11 +607,28 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     return registry
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No last-handled state: the operator has no handlers that detect changes (on.create,
+    on.update, on.field...), only event handlers, indexes and a timer, so kopf needs none.
+    The default storage deep-copies every event's body to build one (every Job and pod
+    event included), and reads its annotation back."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Explicit kopf settings (used by `kubetune operator` and by the tests)."""
     # FineTuneJobs get no finalizer (no on.delete handler); kopf removes this one, which
     # older versions put on, from jobs that still carry it. Sweeps keep it (their timer).
     settings.persistence.finalizer = FINALIZER
+    settings.persistence.diffbase_storage = NoDiffBase()
     # The operator posts its Events itself (kubetune_operator.events: named per
     # transition, before the status records it); kopf posts none.
     settings.posting.enabled = False

@@ -564,7 +564,8 @@ def _reconcile(b: _Builder, views: list[AttemptView], body: dict[str, Any], imag
             b.condition(c.QUEUED, False, "Admitted", "a slot is free: the job starts")
         if latest is not None and not latest.finished:
             b.decision.delete_jobs = [latest.name]  # the suspended attempt; resume anew
-        return _start_attempt(b, attempts + 1, image, spec_json(current), labels)
+        started = spec_json(current)
+        return _start_attempt(b, attempts + 1, image, started, labels, run_job=current)
 
     if latest.failed_reason is not None:
         if not latest.stopped:
@@ -777,10 +778,13 @@ def _start_attempt(
     started_spec: str,
     labels: Mapping[str, str],
     retry: tuple[str, str] | None = None,
+    run_job: FineTuneJob | None = None,
 ) -> Decision:
-    """Create the Job of ``attempt``, which runs with ``started_spec``; ``retry`` (the
-    failure's reason and message) when it retries a failed attempt."""
-    run_job = _job_from(b.identity, json.loads(started_spec))
+    """Create the Job of ``attempt``, which runs with ``started_spec`` (``run_job``: that
+    spec parsed, when the caller has it); ``retry`` (the failure's reason and message)
+    when it retries a failed attempt."""
+    if run_job is None:
+        run_job = _job_from(b.identity, json.loads(started_spec))
     deadline = run_job.spec.activeDeadlineSeconds
     elapsed = _elapsed(b.status.get("startTime"), b.now) or 0.0
     job = attempt_job(
