@@ -15,11 +15,14 @@ transformers = pytest.importorskip("transformers")
 from kubetune_trainer.data import Example, tokenize_examples  # noqa: E402
 from kubetune_trainer.packing import (  # noqa: E402
     IGNORE_INDEX,
+    PACKED_SDPA,
     CountingCollator,
     PackedCollator,
     PaddingCollator,
     batch_padding_stats,
     pack,
+    packed_segments,
+    use_packed_sdpa,
 )
 
 PAD = 0
@@ -145,16 +148,20 @@ def examples(tiny: tuple[Path, Any]) -> list[dict[str, list[int]]]:
 
 
 def _model(directory: Path, attn: str) -> Any:
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        directory, attn_implementation=attn
+    """The tiny model with ``attn``; PACKED_SDPA: sdpa, switched as the trainer does on CPU."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, attn_implementation="sdpa" if attn == PACKED_SDPA else attn
     ).eval()
+    if attn == PACKED_SDPA:
+        assert use_packed_sdpa(model)
+    return model
 
 
 def _alone(model: Any, feature: dict[str, list[int]]) -> Any:
     return model(input_ids=torch.tensor([feature["input_ids"]])).logits[0]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_attention_does_not_cross_examples(
     tiny: tuple[Path, Any], examples: list[dict[str, list[int]]], attn: str
 ) -> None:
@@ -227,3 +234,35 @@ def test_padding_collator_matches_unpadded_logits(
             torch.testing.assert_close(
                 logits[index, :length], _alone(model, feature), atol=1e-4, rtol=1e-4
             )
+
+
+def test_per_example_attention_equals_masked_sdpa_with_gradients(
+    tiny: tuple[Path, Any], examples: list[dict[str, list[int]]]
+) -> None:
+    """The trainer's CPU attention for packed rows (one sdpa per example) gives the loss,
+    the logits and the gradients of sdpa over the whole row under the block mask."""
+    a, b, c = examples
+    batch = PackedCollator(pad_token_id=tiny[1].pad_token_id)([_concat(a, b, c), _concat(c, a)])
+    results = []
+    for attn in ("sdpa", PACKED_SDPA):
+        model = _model(tiny[0], attn)
+        out = model(**batch)
+        out.loss.backward()
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad
+        results.append((out.loss.detach(), out.logits.detach(), grad))
+    (loss, logits, grad), (loss_p, logits_p, grad_p) = results
+    torch.testing.assert_close(loss_p, loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits_p, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_p, grad, atol=1e-6, rtol=1e-4)
+
+
+def test_only_the_block_diagonal_causal_mask_of_the_positions_is_split() -> None:
+    causal = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    assert packed_segments(causal, torch.arange(4)[None]) == [[(0, 4, False)]]
+    two = causal.clone()
+    two[0, 0, 2:, :2] = False  # examples [0, 2) and [2, 4)
+    assert packed_segments(two, torch.tensor([[0, 1, 0, 1]])) == [[(0, 2, False), (2, 4, False)]]
+    padded = causal.clone()
+    padded[0, 0, :, 3] = False  # a padding mask: not what the positions imply
+    assert packed_segments(padded, torch.arange(4)[None]) is None
+    assert packed_segments(causal.float(), torch.arange(4)[None]) is None
