@@ -445,8 +445,18 @@ def test_api_server_restart_under_a_running_operator(cluster: Cluster) -> None:
     caught_up_s = time.monotonic() - back
 
     assert operator.alive and operator.starts == 1, "the operator must ride out the outage"
-    watches = [e for e in server.emulator.audit.entries(OPERATOR_USER) if e.verb == "watch"]
-    assert {e.resource for e in watches[watches_before:]} >= {"finetunejobs", "jobs", "pods"}
+
+    def watches() -> list[Any]:
+        return [e for e in server.emulator.audit.entries(OPERATOR_USER) if e.verb == "watch"]
+
+    # Each watch reopens after kopf's own backoff, which can outlast the jobs' settling
+    # (a finished attempt is read live): wait for all three rather than race them.
+    reopened = {"finetunejobs", "jobs", "pods"}
+    cluster.wait(
+        "the watches reopened",
+        lambda: {e.resource for e in watches()[watches_before:]} >= reopened,
+        30,
+    )
     flaky = cluster.get("flaky")
     assert flaky is not None and flaky["status"]["attempts"] == 2
     assert [j.metadata.name for j in cluster.jobs("fresh")] == ["fresh-attempt-1"]
@@ -460,5 +470,5 @@ def test_api_server_restart_under_a_running_operator(cluster: Cluster) -> None:
     print(
         f"\n[API restart] down {back - down_started:.1f} s; after it: a new job Succeeded "
         f"in {fresh_s:.1f} s, all three (new, retried, suspended) settled in "
-        f"{caught_up_s:.1f} s; operator watches re-opened: {len(watches) - watches_before}"
+        f"{caught_up_s:.1f} s; operator watches re-opened: {len(watches()) - watches_before}"
     )
