@@ -148,18 +148,24 @@ class Reconciler:
         spec change brings its own event, and the resync refreshes metadata)."""
         key = (namespace, name)
         with self._locks[key], self.metrics.reconcile_seconds.time():
-            if body is None and key in self._bodies:
-                body = json.loads(self._bodies[key])
+            kept = self._bodies.get(key) if body is None else None
+            if kept is not None:
+                body = json.loads(kept)
             elif body is None or key in self._written:
                 body = self.api.get_job(namespace, name)
-            self._reconcile_locked(body, logger)
+            self._reconcile_locked(body, logger, remember=kept is None)
         self._wake_freed()
 
-    def _reconcile_locked(self, body: dict[str, Any] | None, logger: Any) -> None:
+    def _reconcile_locked(
+        self, body: dict[str, Any] | None, logger: Any, *, remember: bool = True
+    ) -> None:
+        """Reconcile ``body``; ``remember``: keep it as the job's newest known state (not
+        when it is that already)."""
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        self._remember(body)
+        if remember:
+            self._remember(body)
         jobs, pods, indexed = self._workloads(namespace, name, body)
         policies = self.tenancy.policies(namespace)
         with self.tenancy.slots(body, jobs, policies) as slots:  # locks the namespace if set
