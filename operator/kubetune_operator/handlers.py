@@ -118,7 +118,7 @@ class Reconciler:
         self.jobs_index: Any = None
         self.pods_index: Any = None
         # per job: when it was last reconciled (monotonic), the status we last saw or
-        # wrote (the progress poller diffs against it), the newest body we know (JSON: as
+        # wrote (of jobs in _STATUS_KEPT states only), the newest body we know (JSON: as
         # read, or as our last status patch returned it); jobs we wrote a status for
         self._reconciled: dict[tuple[str, str], float] = {}
         self._status: dict[tuple[str, str], dict[str, Any]] = {}
@@ -271,8 +271,12 @@ class Reconciler:
             self.metrics.observe_gpu_seconds(
                 namespace, old.get("gpuSeconds"), patch.get("gpuSeconds")
             )
-        self._status[key] = {**old, **patch}
-        if decision.status.get("state") in ("Running", "Queued"):
+        state = decision.status.get("state")
+        if state in _STATUS_KEPT:
+            self._status[key] = {**old, **patch}
+        else:
+            self._status.pop(key, None)
+        if state in ("Running", "Queued"):
             self._polled.add(key)
         else:
             self._polled.discard(key)
@@ -460,6 +464,12 @@ class Reconciler:
             elif state == "Queued" and not waits_for_slot(status):  # those: woken, resynced
                 futures.append(pool.submit(self._logged, self.reconcile, namespace, name, log))
         wait(futures)
+
+
+# The states whose status the operator keeps in memory: Running (the progress poller
+# diffs against it), Queued and Invalid (wake() looks for jobs waiting for a slot, or
+# refused by a policy that may have changed). Others need none: thousands may be Pending.
+_STATUS_KEPT = ("Running", "Queued", "Invalid")
 
 
 def _acts(body: dict[str, Any], decision: Decision) -> bool:
