@@ -1,9 +1,9 @@
 """The few Kubernetes API calls the operator makes, in one place.
 
 Every call here is one the chart's RBAC must grant (and nothing more): FineTuneJobs
-get/list/watch/patch/create (+ status and finalizers through kopf; sweeps create their
-trials), FineTuneSweeps get/list/watch (+ status patch), FineTunePolicies list/watch
-(read only), batch Jobs
+get/list/watch/patch/create (+ status; sweeps create and patch their trials, and kopf
+takes off the finalizer older versions put on jobs), FineTuneSweeps get/list/watch (+
+status patch, and kopf's finalizer), FineTunePolicies list/watch (read only), batch Jobs
 create/list/watch/patch/delete, pods list/watch, Services create/delete, NetworkPolicies
 create/delete (per-attempt isolation, TTL cleanup), Kueue Workloads list, events create.
 No Secrets, ever.
