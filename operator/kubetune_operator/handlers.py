@@ -123,7 +123,6 @@ class Reconciler:
         self._reconciled: dict[tuple[str, str], float] = {}
         self._status: dict[tuple[str, str], dict[str, Any]] = {}
         self._bodies: dict[tuple[str, str], bytes] = {}
-        self._polled: set[tuple[str, str]] = set()  # Running and Queued: progress_round's
         self._written: set[tuple[str, str]] = set()
         self.instance = reporting_instance()  # the Events' reportingInstance
         self._stop = threading.Event()
@@ -276,11 +275,7 @@ class Reconciler:
             self._status[key] = {**old, **patch}
         else:
             self._status.pop(key, None)
-        if state in ("Running", "Queued"):
-            self._polled.add(key)
-        else:
-            self._polled.discard(key)
-        self.metrics.observe_state(namespace, name, decision.status.get("state"))
+        self.metrics.observe_state(namespace, name, state)
         self.metrics.observe_status(namespace, name, decision.status)
 
     def _post_events(self, body: dict[str, Any], events: list[Event], logger: Any) -> None:
@@ -311,7 +306,6 @@ class Reconciler:
         for table in (self._reconciled, self._status, self._bodies, self._locks):
             table.pop(key, None)
         self._written.discard(key)
-        self._polled.discard(key)
         self.metrics.forget(namespace, name)
         self.wake(namespace)
 
@@ -456,8 +450,8 @@ class Reconciler:
         if pool is None:
             return
         futures = []
-        for namespace, name in list(self._polled):  # not every job: thousands may wait
-            status = self._status.get((namespace, name)) or {}
+        # _status holds only Running, Queued and Invalid jobs: not the thousands that wait
+        for (namespace, name), status in list(self._status.items()):
             state = status.get("state")
             if state == "Running":
                 futures.append(pool.submit(self._logged, self.poll_progress, namespace, name))
